@@ -1,0 +1,3 @@
+from megatron_longvita.config.parallel import ParallelConfig
+
+__all__ = ["ParallelConfig"]

@@ -1,0 +1,96 @@
+"""Qwen2.5-style decoder as a megatron-core GPTModel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from megatron_longvita.config.parallel import ParallelConfig
+from megatron_longvita.models.specs import decoder_block_spec
+from megatron_longvita.platform import setup_platform
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int  # tokenizer vocabulary; padded for TP by `padded_vocab_size`
+    max_position_embeddings: int = 32768
+    rotary_base: float = 1_000_000.0
+    norm_epsilon: float = 1e-6
+    qkv_bias: bool = True
+    tie_embeddings: bool = False
+    make_vocab_size_divisible_by: int = 128
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
+        """Megatron's rule: pad to a multiple of divisible_by x TP so every rank holds equal rows."""
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+    def transformer_config(self, parallel: ParallelConfig, params_dtype: torch.dtype = torch.float32,
+                           recompute_num_layers: int = 0, **overrides) -> TransformerConfig:
+        platform = setup_platform()
+        recompute = (
+            dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=recompute_num_layers)
+            if recompute_num_layers else {}
+        )
+        return TransformerConfig(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.hidden_size // self.num_attention_heads,
+            add_bias_linear=False,
+            add_qkv_bias=self.qkv_bias,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.norm_epsilon,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+            context_parallel_size=parallel.context_parallel_size,
+            sequence_parallel=parallel.sequence_parallel,
+            params_dtype=params_dtype,
+            pipeline_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16,
+            # Full-size init on every rank, then split: weights do not depend on TP (parity tests).
+            use_cpu_initialization=platform.name == "cpu",
+            # Fused CUDA kernels (apex/TE) are not on the local path.
+            bias_activation_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            bias_dropout_fusion=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            **recompute,
+            **overrides,
+        )
+
+
+def build_decoder(config: DecoderConfig, transformer_config: TransformerConfig, pre_process: bool = True,
+                  post_process: bool = True, vp_stage: Optional[int] = None,
+                  layer_spec: Optional[str] = None) -> GPTModel:
+    return GPTModel(
+        config=transformer_config,
+        transformer_layer_spec=decoder_block_spec(transformer_config, layer_spec, vp_stage),
+        vocab_size=config.padded_vocab_size(transformer_config.tensor_model_parallel_size),
+        max_sequence_length=config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=config.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(config.rotary_base),
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,57 @@
+"""Layer specs per platform: Transformer Engine on CUDA when installed, local otherwise.
+
+The core-attention module is a swappable slot: context parallelism plugs ring attention
+in here, NPU plugs its fused kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.transformer import ModuleSpec, TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from megatron_longvita.models.norms import TorchNorm
+from megatron_longvita.platform import setup_platform
+from megatron_longvita.registry import Registry
+
+# name -> function(config) -> ModuleSpec of one decoder layer
+DECODER_LAYER_SPECS: Registry = Registry("decoder layer spec")
+
+
+@DECODER_LAYER_SPECS.register("local")
+def local_decoder_layer_spec(config: TransformerConfig) -> ModuleSpec:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    spec.submodules.input_layernorm = TorchNorm
+    spec.submodules.pre_mlp_layernorm = TorchNorm
+    return spec
+
+
+@DECODER_LAYER_SPECS.register("transformer_engine")
+def te_decoder_layer_spec(config: TransformerConfig) -> ModuleSpec:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec(normalization=config.normalization)
+
+
+def default_layer_spec_name() -> str:
+    return "transformer_engine" if setup_platform().transformer_engine else "local"
+
+
+def decoder_block_spec(config: TransformerConfig, spec_name: Optional[str] = None,
+                       vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+    """The layers this pipeline (and virtual) stage builds, plus the final norm."""
+    name = spec_name or default_layer_spec_name()
+    layer = DECODER_LAYER_SPECS.get(name)(config)
+    final_norm = layer.submodules.input_layernorm if name == "local" else _te_norm()
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=final_norm
+    )
+
+
+def _te_norm():
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    return TENorm

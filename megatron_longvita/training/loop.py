@@ -1,0 +1,97 @@
+"""The training step on megatron-core's machinery: DDP, megatron optimizer, pipeline schedules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer import MegatronModule, TransformerConfig
+
+# (pre_process, post_process, vp_stage) -> model chunk
+ModelProvider = Callable[[bool, bool, Optional[int]], MegatronModule]
+
+
+def build_model_chunks(provider: ModelProvider) -> list[MegatronModule]:
+    """One chunk per virtual pipeline stage (a single chunk without interleaving)."""
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    stages = [None] if vpp is None else list(range(vpp))
+    return [
+        provider(
+            parallel_state.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=stage),
+            parallel_state.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=stage),
+            stage,
+        )
+        for stage in stages
+    ]
+
+
+@dataclass
+class TrainState:
+    model: list[DistributedDataParallel]
+    optimizer: MegatronOptimizer
+    config: TransformerConfig
+
+
+def setup_training(chunks: list[MegatronModule], optimizer_config: OptimizerConfig,
+                   overlap_grad_reduce: bool = False) -> TrainState:
+    """Wrap chunks in megatron DDP, build the optimizer and wire the schedule hooks."""
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=optimizer_config.use_distributed_optimizer,
+    )
+    model = [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0)
+        for index, chunk in enumerate(chunks)
+    ]
+    for chunk in model:
+        chunk.broadcast_params()
+    optimizer = get_megatron_optimizer(optimizer_config, model)
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    if overlap_grad_reduce:
+        no_sync = [chunk.no_sync for chunk in model]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if config.virtual_pipeline_model_parallel_size is not None:
+        # batch_isend_irecv with interleaving gives silently wrong grads on gloo
+        # (Megatron-LM issues #750/#1450).
+        config.batch_p2p_comm = False
+        config.overlap_p2p_comm = True
+    return TrainState(model, optimizer, config)
+
+
+@dataclass
+class StepResult:
+    loss: Optional[float]  # per-token mean over the global batch; None off the last pipeline stage
+    grad_norm: Optional[float]
+    update_successful: bool
+
+
+def train_step(state: TrainState, forward_step: Callable, data_iterator: Iterator | list[Iterator],
+               num_microbatches: int, seq_length: int, micro_batch_size: int) -> StepResult:
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=state.model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = state.optimizer.step()
+    loss = None
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        # each micro-batch reports [loss sum, token count]
+        total = torch.stack([item["lm loss"] for item in losses]).sum(dim=0)
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        loss = (total[0] / total[1].clamp(min=1)).item()
+    return StepResult(loss, grad_norm, update_successful)

@@ -1,0 +1,147 @@
+"""CPU (gloo) patch set: megatron-core's CUDA assumptions on the paths we use.
+
+megatron-core 0.16.1 hard-codes CUDA in ~250 places; only the handful below sit on the
+paths megatron-longvita runs (model build, forward/backward, pipeline schedules, DDP,
+distributed optimizer, grad clipping, dist_checkpointing). Sites that allocate with a
+literal ``device="cuda"`` run inside :class:`CudaToCpuMode`, scoped to the patched
+function, so no global torch-function hook slows every op and each hit site is named
+here. A CUDA call reached outside these sites raises "Torch not compiled with CUDA
+enabled", which points at the next site to declare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from . import Patch, register
+
+MCORE_VERIFIED = ">=0.16.0,<0.17"
+TORCH_VERIFIED = ">=2.6"
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)  # a CUDA ordinal
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Maps CUDA devices to the CPU for the torch calls made inside a patched function.
+
+    Also answers ``Tensor.type()`` with the CUDA type name, because megatron validates
+    parameter and gradient types by comparing against strings like
+    ``'torch.cuda.FloatTensor'`` (optimizer/clip_grads.py, optimizer/distrib_optimizer.py).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def on_cpu(original: Callable) -> Callable:
+    """Wrap a megatron function so its CUDA allocations land on the CPU."""
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        with CudaToCpuMode():
+            return original(*args, **kwargs)
+
+    return wrapper
+
+
+def _cpu_device(_original: Callable) -> Callable[[], torch.device]:
+    def current_device() -> torch.device:
+        return torch.device("cpu")
+
+    return current_device
+
+
+def _noop_synchronize(_original: Callable) -> Callable:
+    def synchronize(device: Any = None) -> None:
+        """CPU kernels are synchronous; there is nothing to wait for."""
+
+    return synchronize
+
+
+def _cpu_rng_add(_original: Callable) -> Callable:
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    return add
+
+
+def _cpu_rng_fork(_original: Callable) -> Callable:
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer_state = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer_state)
+
+    return fork
+
+
+def _declare(name: str, target: str, make: Callable, reason: str, *, distribution: str = "megatron-core") -> None:
+    versions = MCORE_VERIFIED if distribution == "megatron-core" else TORCH_VERIFIED
+    register(Patch(name, target, make, reason, ("cpu",), versions, distribution))
+
+
+_declare("cpu-current-device", "torch.cuda.current_device", _cpu_device,
+         "megatron allocates on torch.cuda.current_device() (param buffers, RoPE, optimizer)",
+         distribution="torch")
+_declare("cpu-synchronize", "torch.cuda.synchronize", _noop_synchronize,
+         "p2p_communication and the async checkpoint writer call torch.cuda.synchronize()",
+         distribution="torch")
+_declare("cpu-rng-tracker-add", "megatron.core.tensor_parallel.random.CudaRNGStatesTracker.add",
+         _cpu_rng_add, "the model-parallel RNG tracker seeds CUDA generators")
+_declare("cpu-rng-tracker-fork", "megatron.core.tensor_parallel.random.CudaRNGStatesTracker.fork",
+         _cpu_rng_fork, "dropout and TP weight init fork the CUDA RNG state even at p=0")
+
+for _target, _why in (
+    ("megatron.core.transformer.utils.get_default_causal_mask",
+     "builds the causal mask with device='cuda' when no mask is passed"),
+    ("megatron.core.optimizer.optimizer.FP32Optimizer.__init__",
+     "allocates its loss-scale tensor with device='cuda'"),
+    ("megatron.core.optimizer.clip_grads.get_grad_norm_fp32",
+     "reduces the grad norm in a device='cuda' tensor"),
+    ("megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
+     "asserts grads are torch.cuda.FloatTensor and allocates on cuda"),
+    ("megatron.core.optimizer.clip_grads.count_zeros_fp32",
+     "counts zeros in a device='cuda' tensor"),
+    ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups",
+     "accepts only torch.cuda.* parameter types"),
+    ("megatron.core.pipeline_parallel.schedules.forward_backward_no_pipelining",
+     "counts tokens in a device='cuda' tensor"),
+    ("megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_without_interleaving",
+     "counts tokens in a device='cuda' tensor"),
+    ("megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_with_interleaving",
+     "counts tokens in a device='cuda' tensor"),
+):
+    _declare(f"cpu-device:{_target.rsplit('.', 2)[-2]}.{_target.rsplit('.', 1)[-1]}", _target, on_cpu, _why)
