@@ -1,0 +1,91 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from megatron_longvita.data import MediaConfig
+from megatron_longvita.data.tiling import IMAGENET_MEAN, IMAGENET_STD, choose_grid, num_image_tiles, tile_image
+
+
+def reference_grid(width: int, height: int, size: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
+    """SPEC rule, stated differently: among the grids tied for the closest aspect ratio
+    (compared exactly with integer cross-multiplication), take the largest one whose pixel
+    area is under twice the image area, else the smallest."""
+    grids = [(c, r) for c in range(1, 13) for r in range(1, 13) if min_tiles <= c * r <= max_tiles]
+    # |w/h - c/r| = |w*r - h*c| / (h*r); compare a/b < c/d as a*d < c*b.
+    def difference(grid):
+        c, r = grid
+        return abs(width * r - height * c), height * r
+
+    def closer(a, b):
+        return a[0] * b[1] < b[0] * a[1]
+
+    def same(a, b):
+        return a[0] * b[1] == b[0] * a[1]
+
+    best = grids[0]
+    for grid in grids:
+        if closer(difference(grid), difference(best)):
+            best = grid
+    tied = sorted((g for g in grids if same(difference(g), difference(best))), key=lambda g: (g[0] * g[1], g[0]))
+    large_enough = [g for g in tied[1:] if width * height > 0.5 * size * size * g[0] * g[1]]
+    return large_enough[-1] if large_enough else tied[0]
+
+
+SIZES = [(448, 448), (672, 448), (300, 200), (1000, 200), (200, 1000), (1920, 1080), (800, 600), (448, 1344),
+         (1344, 448), (50, 50), (3000, 100), (896, 448), (500, 1500), (1024, 768), (123, 456)]  # fmt: skip
+
+
+@pytest.mark.parametrize("max_tiles", [1, 6, 12])
+@pytest.mark.parametrize("width,height", SIZES)
+def test_grid_choice_matches_reference(width: int, height: int, max_tiles: int) -> None:
+    config = MediaConfig(max_tiles=max_tiles)
+    assert choose_grid(width, height, config) == reference_grid(width, height, 448, 1, max_tiles)
+
+
+def test_grid_choice_over_many_shapes_and_min_tiles() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        width, height = (int(x) for x in rng.integers(20, 3000, size=2))
+        min_tiles = int(rng.integers(1, 4))
+        config = MediaConfig(image_size=56, patch_size=14, min_tiles=min_tiles, max_tiles=12)
+        assert choose_grid(width, height, config) == reference_grid(width, height, 56, min_tiles, 12)
+
+
+def test_tie_prefers_larger_grid_only_for_large_images() -> None:
+    config = MediaConfig(max_tiles=2)  # candidates 1:1, 1:2, 2:1
+    assert choose_grid(672, 448, config) == (2, 1)  # 1.5 ties 1:1 and 2:1; area 301056 > 200704
+    assert choose_grid(300, 200, config) == (1, 1)  # same tie, small image
+
+
+@pytest.mark.parametrize("position", ["first", "last"])
+def test_tiles_in_placeholder_order(position: str) -> None:
+    config = MediaConfig(image_size=28, patch_size=14, thumbnail_position=position)
+    # Four flat quadrants on a 2x2 grid: tile k must be quadrant k (row-major).
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    image = Image.new("RGB", (56, 56))
+    for index, (col, row) in enumerate(itertools.product(range(2), range(2))):
+        image.paste(colors[row * 2 + col], (col * 28, row * 28, col * 28 + 28, row * 28 + 28))
+    tiles = tile_image(image, (2, 2), config)
+    assert tiles.shape == (num_image_tiles((2, 2)), 3, 28, 28) == (5, 3, 28, 28)
+    grid_tiles = tiles[1:] if position == "first" else tiles[:4]
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    for tile, color in zip(grid_tiles, colors):
+        expected = (torch.tensor(color) / 255.0 - mean) / std
+        torch.testing.assert_close(tile[:, 14, 14], expected, atol=1e-4, rtol=0)
+
+
+def test_single_tile_has_no_thumbnail() -> None:
+    tiles = tile_image(Image.new("RGB", (30, 40), (10, 20, 30)), (1, 1), MediaConfig(image_size=28))
+    assert tiles.shape == (1, 3, 28, 28)
+    expected = (torch.tensor([10, 20, 30]) / 255.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(tiles[0].mean(dim=(1, 2)), expected, atol=1e-4, rtol=0)
+
+
+def test_tokens_per_tile_follows_geometry() -> None:
+    assert MediaConfig().tokens_per_tile == 256
+    assert MediaConfig(image_size=56, patch_size=14, downsample_ratio=0.5).tokens_per_tile == 4
+    with pytest.raises(ValueError, match="patch_size"):
+        MediaConfig(image_size=50, patch_size=14)
