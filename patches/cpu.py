@@ -124,6 +124,16 @@ _declare("cpu-rng-tracker-add", "megatron.core.tensor_parallel.random.CudaRNGSta
 _declare("cpu-rng-tracker-fork", "megatron.core.tensor_parallel.random.CudaRNGStatesTracker.fork",
          _cpu_rng_fork, "dropout and TP weight init fork the CUDA RNG state even at p=0")
 
+def _cpu_pos_emb_split(_original: Callable) -> Callable:
+    from megatron_longvita.parallel.zigzag import megatron_pos_emb_on_this_cp_rank
+
+    return megatron_pos_emb_on_this_cp_rank
+
+
+_declare("cpu-rope-cp-split",
+         "megatron.core.models.common.embeddings.rotary_pos_embedding.get_pos_emb_on_this_cp_rank",
+         _cpu_pos_emb_split, "slices RoPE per CP rank through a pinned host tensor and .cuda()")
+
 for _target, _why in (
     ("megatron.core.transformer.utils.get_default_causal_mask",
      "builds the causal mask with device='cuda' when no mask is passed"),
@@ -135,8 +145,10 @@ for _target, _why in (
      "asserts grads are torch.cuda.FloatTensor and allocates on cuda"),
     ("megatron.core.optimizer.clip_grads.count_zeros_fp32",
      "counts zeros in a device='cuda' tensor"),
-    ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups",
-     "accepts only torch.cuda.* parameter types"),
+    ("megatron.core.optimizer.optimizer.MixedPrecisionOptimizer.__init__",
+     "allocates its overflow buffer with device='cuda'"),
+    ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.__init__",
+     "accepts only torch.cuda.* parameter types when building its shards"),
     ("megatron.core.pipeline_parallel.schedules.forward_backward_no_pipelining",
      "counts tokens in a device='cuda' tensor"),
     ("megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_without_interleaving",

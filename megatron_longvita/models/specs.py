@@ -29,6 +29,16 @@ def local_decoder_layer_spec(config: TransformerConfig) -> ModuleSpec:
     return spec
 
 
+@DECODER_LAYER_SPECS.register("local_ring")
+def local_ring_decoder_layer_spec(config: TransformerConfig) -> ModuleSpec:
+    """The local spec with ring attention as core attention: context parallelism without TE."""
+    from megatron_longvita.parallel.attention import RingDotProductAttention
+
+    spec = local_decoder_layer_spec(config)
+    spec.submodules.self_attention.submodules.core_attention = RingDotProductAttention
+    return spec
+
+
 @DECODER_LAYER_SPECS.register("transformer_engine")
 def te_decoder_layer_spec(config: TransformerConfig) -> ModuleSpec:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -36,16 +46,19 @@ def te_decoder_layer_spec(config: TransformerConfig) -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec(normalization=config.normalization)
 
 
-def default_layer_spec_name() -> str:
-    return "transformer_engine" if setup_platform().transformer_engine else "local"
+def default_layer_spec_name(config: TransformerConfig) -> str:
+    """TE where installed (its attention does CP itself); else ours, with ring attention under CP."""
+    if setup_platform().transformer_engine:
+        return "transformer_engine"
+    return "local_ring" if config.context_parallel_size > 1 else "local"
 
 
 def decoder_block_spec(config: TransformerConfig, spec_name: Optional[str] = None,
                        vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
     """The layers this pipeline (and virtual) stage builds, plus the final norm."""
-    name = spec_name or default_layer_spec_name()
+    name = spec_name or default_layer_spec_name(config)
     layer = DECODER_LAYER_SPECS.get(name)(config)
-    final_norm = layer.submodules.input_layernorm if name == "local" else _te_norm()
+    final_norm = _te_norm() if name == "transformer_engine" else layer.submodules.input_layernorm
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=final_norm
     )

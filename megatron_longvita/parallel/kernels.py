@@ -1,0 +1,171 @@
+"""Block kernels for ring attention: one (query block, key/value block) attention call.
+
+A block is a list of :class:`Segment`\\ s: query rows ``[q_start, q_end)`` attend to key
+rows ``[k_start, k_end)``, either fully or causally (a causal segment is square and
+diagonal-aligned). Segments are how packed documents reach the kernel: one segment per
+document present in both blocks, so no [sq, sk] mask is ever built. Query rows outside
+every segment see no key in this block: their output is 0 and their log-sum-exp -inf, so
+the ring merge ignores them.
+
+Tensors are [b, heads, s, head_dim]; k and v may have fewer heads than q (GQA: query
+head h reads key/value head h // (hq // hkv), megatron's layout), never repeated here.
+The log-sum-exp is [b, hq, sq] in float32 (float64 for float64 inputs). ``backward``
+takes the ring's *final* output and log-sum-exp, so each block's softmax probabilities
+are the global ones and the per-block gradients simply add up.
+
+Kernels are registered under :attr:`Platform.attention_kernel` names: "cpu_flash",
+"flash_attn", "sdpa" (the math kernel) and "math"; "npu_fusion_attention" is not written
+yet, so NPU runs fail with the registry's list of known kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from megatron_longvita.registry import Registry
+
+
+@dataclass(frozen=True)
+class Segment:
+    q_start: int
+    q_end: int
+    k_start: int
+    k_end: int
+
+
+class BlockKernel(Protocol):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, segments: Sequence[Segment], causal: bool,
+                scale: float) -> tuple[Tensor, Tensor]:
+        """(out [b, hq, sq, d], lse [b, hq, sq]) of q attending to the segments of k/v."""
+
+    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                 segments: Sequence[Segment], causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(dq, dk, dv) of this block, given the final ``out``/``lse`` of the ring."""
+
+
+BLOCK_KERNELS: Registry[BlockKernel] = Registry("ring attention block kernel")
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class SegmentLoopKernel:
+    """Runs a dense per-segment primitive once per segment and scatters the results.
+
+    Subclasses provide ``_attend`` / ``_attend_backward`` on one dense segment (no mask,
+    ``causal`` top-left aligned on a square segment).
+    """
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, segments: Sequence[Segment], causal: bool,
+                scale: float) -> tuple[Tensor, Tensor]:
+        out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+        lse = torch.full(q.shape[:-1], -math.inf, dtype=lse_dtype(q.dtype), device=q.device)
+        for seg in segments:
+            rows, cols = slice(seg.q_start, seg.q_end), slice(seg.k_start, seg.k_end)
+            out[:, :, rows], lse[:, :, rows] = self._attend(q[:, :, rows], k[:, :, cols], v[:, :, cols],
+                                                            causal, scale)
+        return out, lse
+
+    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                 segments: Sequence[Segment], causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for seg in segments:  # documents are disjoint: every row/column is written at most once
+            rows, cols = slice(seg.q_start, seg.q_end), slice(seg.k_start, seg.k_end)
+            dq[:, :, rows], dk[:, :, cols], dv[:, :, cols] = self._attend_backward(
+                dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols], out[:, :, rows],
+                lse[:, :, rows], causal, scale)
+        return dq, dk, dv
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _attend_backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                         causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class CpuFlashKernel(SegmentLoopKernel):
+    """ATen's CPU flash attention: blockwise, returns the log-sum-exp, GQA-aware."""
+
+    def _attend(self, q, k, v, causal, scale):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+    def _attend_backward(self, dout, q, k, v, out, lse, causal, scale):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+
+
+class MathKernel(SegmentLoopKernel):
+    """Plain matmul + softmax on any device; materialises one segment's [sq, sk] scores.
+
+    Also serves the CUDA "sdpa" family: torch's public SDPA returns no log-sum-exp, and its
+    private per-backend ops differ in layout and dtype support.
+    """
+
+    def _scores(self, q: Tensor, k: Tensor, causal: bool, scale: float) -> Tensor:
+        dtype = lse_dtype(q.dtype)  # scores and softmax in fp32 at least, like the flash kernels
+        grouped_q = q.unflatten(1, (k.shape[1], -1)).to(dtype)  # [b, hkv, g, sq, d]: no repeated k/v
+        scores = torch.matmul(grouped_q, k.unsqueeze(2).transpose(-1, -2).to(dtype)) * scale
+        if causal:
+            sq, sk = scores.shape[-2:]
+            scores = scores.masked_fill(torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1),
+                                        -math.inf)
+        return scores
+
+    def _attend(self, q, k, v, causal, scale):
+        scores = self._scores(q, k, causal, scale)
+        lse = scores.logsumexp(-1)
+        out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.unsqueeze(2).to(scores.dtype))
+        return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2)
+
+    def _attend_backward(self, dout, q, k, v, out, lse, causal, scale):
+        hkv = k.shape[1]
+        grouped = lambda t: t.unflatten(1, (hkv, -1))  # noqa: E731
+        probs = torch.exp(self._scores(q, k, causal, scale) - grouped(lse).unsqueeze(-1))
+        dout_g = grouped(dout).to(probs.dtype)
+        dv = torch.matmul(probs.transpose(-1, -2), dout_g).sum(2)
+        dprobs = torch.matmul(dout_g, v.unsqueeze(2).transpose(-1, -2).to(probs.dtype))
+        delta = (dout_g * grouped(out).to(probs.dtype)).sum(-1, keepdim=True)  # rowsum(dO * O)
+        dscores = probs * (dprobs - delta) * scale
+        dq = torch.matmul(dscores, k.unsqueeze(2).to(probs.dtype)).flatten(1, 2)
+        dk = torch.matmul(dscores.transpose(-1, -2), grouped(q).to(probs.dtype)).sum(2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class FlashAttnKernel(SegmentLoopKernel):
+    """flash-attn >= 2.7 (fp16/bf16, [b, s, h, d] views, GQA-aware), imported on first use.
+
+    Not exercised by this repository's CPU tests; run tests/distributed/test_ring_attention.py
+    with the CUDA platform to check it. A varlen call per block would replace the segment loop.
+    """
+
+    def _attend(self, q, k, v, causal, scale):
+        from flash_attn.flash_attn_interface import _flash_attn_forward
+
+        out, lse, _, _ = _flash_attn_forward(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.0, softmax_scale=scale,
+            causal=causal, window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
+            return_softmax=False)
+        return out.transpose(1, 2), lse
+
+    def _attend_backward(self, dout, q, k, v, out, lse, causal, scale):
+        from flash_attn.flash_attn_interface import _flash_attn_backward
+
+        bshd = [t.transpose(1, 2) for t in (dout, q, k, v, out)]
+        grads = [torch.empty_like(t) for t in bshd[1:4]]
+        _flash_attn_backward(*bshd, lse.contiguous(), *grads, dropout_p=0.0, softmax_scale=scale, causal=causal,
+                             window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
+                             deterministic=False)
+        return tuple(g.transpose(1, 2) for g in grads)
+
+
+BLOCK_KERNELS.register("cpu_flash")(CpuFlashKernel())
+BLOCK_KERNELS.register("flash_attn")(FlashAttnKernel())
+BLOCK_KERNELS.register("math")(MathKernel())
+BLOCK_KERNELS.register("sdpa")(BLOCK_KERNELS.get("math"))
