@@ -157,8 +157,9 @@ def apply_platform_patches(platform: str) -> list[AppliedPatch]:
     if platform == "npu":
         from . import npu
 
+        # Always routed: importing MindSpeed's adaptor is what adapts megatron to torch_npu.
         pending = [patch for patch in patches if patch.name not in _APPLIED]
-        for record in npu.apply_through_mindspeed(pending) if pending else []:
+        for record in npu.apply_through_mindspeed(pending):
             _APPLIED[record.patch.name] = record
         return [_APPLIED[patch.name] for patch in patches]
     return [apply(patch) for patch in patches]

@@ -60,7 +60,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     results = _context.Queue()
     port = free_port()
     procs = [
-        _context.Process(target=_rank_main, name=f"rank{rank}", daemon=True,
+        _context.Process(target=_rank_main, name=f"rank{rank}",
                          args=(fn, rank, world_size, port, results, args, kwargs, env or {}))
         for rank in range(world_size)
     ]

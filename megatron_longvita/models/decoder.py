@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,8 +32,12 @@ class DecoderConfig:
     make_vocab_size_divisible_by: int = 128
 
     def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
-        """Megatron's rule: pad to a multiple of divisible_by x TP so every rank holds equal rows."""
-        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        """Pad to a multiple of `make_vocab_size_divisible_by` that TP also divides.
+
+        Unlike Megatron-LM's divisible_by x TP rule, the padded size does not change with TP
+        (for any TP dividing the multiple), so checkpoints reshard across TP sizes.
+        """
+        multiple = math.lcm(self.make_vocab_size_divisible_by, tensor_model_parallel_size)
         return -(-self.vocab_size // multiple) * multiple
 
     def transformer_config(self, parallel: ParallelConfig, params_dtype: torch.dtype = torch.float32,

@@ -1,8 +1,9 @@
 """The CPU smoke job: a tiny Qwen2-style decoder trained on a fixed synthetic batch.
 
 Exercises the whole megatron-core path (parallel_state, TP/SP/PP/VPP/DP, DDP, distributed
-optimizer, pipeline schedules) in seconds on CPU/gloo. ``examples/quickstart.sh`` runs it
-under TP=2 x PP=2 and the foundation tests check that its loss falls under every layout.
+optimizer, pipeline schedules, dist_checkpointing) in seconds on CPU/gloo.
+``examples/quickstart.sh`` runs it under TP=2 x PP=2; the foundation tests check that every
+layout gives the single-rank loss curve.
 
     torchrun --nproc_per_node 4 -m megatron_longvita.training.synthetic --tp 2 --pp 2
 """
@@ -14,48 +15,56 @@ import functools
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
+from megatron_longvita.checkpoint.dist import load_model, save_model
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.models.decoder import DecoderConfig, build_decoder
 from megatron_longvita.platform import destroy_distributed, initialize_distributed
 from megatron_longvita.training.loop import build_model_chunks, setup_training, train_step
 
-# vocab 100 is deliberately not a multiple of 128 x TP: it exercises vocab padding.
+logger = logging.getLogger(__name__)
+
+# vocab 100 is deliberately not a multiple of 128: it exercises vocab padding.
 TINY_DECODER = DecoderConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                              num_query_groups=2, vocab_size=100, max_position_embeddings=256)
 
 
 @dataclass(frozen=True)
 class SyntheticRun:
-    parallel: ParallelConfig = ParallelConfig()
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     steps: int = 30
     lr: float = 3e-3
     seq_length: int = 32
     micro_batch_size: int = 2
-    num_microbatches: int = 4  # per data-parallel rank
+    global_microbatches: int = 4  # split over data-parallel ranks
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
+    params_dtype: torch.dtype = torch.float32
     seed: int = 1234
 
 
-def synthetic_microbatches(run: SyntheticRun, vocab_size: int, dp_rank: int) -> list[dict[str, torch.Tensor]]:
-    """A fixed set of random sequences (the same on every rank for the same DP rank)."""
-    generator = torch.Generator().manual_seed(run.seed + dp_rank)
-    batches = []
-    for _ in range(run.num_microbatches):
-        sequence = torch.randint(0, vocab_size, (run.micro_batch_size, run.seq_length + 1), generator=generator)
-        batches.append({
-            "tokens": sequence[:, :-1].contiguous(),
-            "labels": sequence[:, 1:].contiguous(),
-            "loss_mask": torch.ones(run.micro_batch_size, run.seq_length),
-            "position_ids": torch.arange(run.seq_length).expand(run.micro_batch_size, -1).contiguous(),
-        })
-    return batches
+def synthetic_microbatches(run: SyntheticRun, vocab_size: int) -> list[dict[str, torch.Tensor]]:
+    """This data-parallel rank's share of a fixed global batch of random sequences."""
+    generator = torch.Generator().manual_seed(run.seed)
+    sequences = torch.randint(0, vocab_size, (run.global_microbatches, run.micro_batch_size, run.seq_length + 1),
+                              generator=generator)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    if run.global_microbatches % dp_size:
+        raise ValueError(f"{run.global_microbatches} micro-batches cannot be split over {dp_size} DP ranks")
+    per_rank = run.global_microbatches // dp_size
+    first = parallel_state.get_data_parallel_rank() * per_rank
+    positions = torch.arange(run.seq_length).expand(run.micro_batch_size, -1).contiguous()
+    return [
+        {"tokens": sequence[:, :-1].contiguous(), "labels": sequence[:, 1:].contiguous(),
+         "loss_mask": torch.ones(run.micro_batch_size, run.seq_length), "position_ids": positions}
+        for sequence in sequences[first:first + per_rank]
+    ]
 
 
 def masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -71,30 +80,39 @@ def forward_step(data_iterator, model):
     return output, functools.partial(masked_loss, batch["loss_mask"])
 
 
-def train_synthetic(run: SyntheticRun, log_every: int = 0) -> list[float]:
-    """Train under an initialised process group; returns the per-step losses (last stage only)."""
+def build_tiny_decoder_chunks(run: SyntheticRun) -> list:
+    transformer_config = TINY_DECODER.transformer_config(run.parallel, params_dtype=run.params_dtype)
+    return build_model_chunks(functools.partial(build_decoder, TINY_DECODER, transformer_config))
+
+
+def train_synthetic(run: SyntheticRun, load_dir: Optional[str] = None, save_dir: Optional[str] = None,
+                    log_every: int = 0) -> list[float]:
+    """Train from scratch or from `load_dir`; returns per-step losses (empty off the last stage)."""
     initialize_distributed(run.parallel, seed=run.seed)
-    transformer_config = TINY_DECODER.transformer_config(run.parallel)
-    chunks = build_model_chunks(functools.partial(build_decoder, TINY_DECODER, transformer_config))
+    chunks = build_tiny_decoder_chunks(run)
+    if load_dir:
+        load_model(chunks, load_dir)
+    if save_dir:
+        save_model(chunks, save_dir)
     state = setup_training(
         chunks,
-        OptimizerConfig(optimizer="adam", lr=run.lr, weight_decay=0.0, clip_grad=1.0, bf16=False,
+        OptimizerConfig(optimizer="adam", lr=run.lr, weight_decay=0.0, clip_grad=1.0,
+                        bf16=run.params_dtype == torch.bfloat16, params_dtype=run.params_dtype,
                         use_distributed_optimizer=run.distributed_optimizer),
         overlap_grad_reduce=run.overlap_grad_reduce,
     )
-    batches = synthetic_microbatches(run, TINY_DECODER.vocab_size, parallel_state.get_data_parallel_rank())
+    batches = synthetic_microbatches(run, TINY_DECODER.vocab_size)
     losses = []
     for step in range(1, run.steps + 1):
         iterators = [iter(batches) for _ in state.model]
         started = time.perf_counter()
         result = train_step(state, forward_step, iterators if len(iterators) > 1 else iterators[0],
-                            run.num_microbatches, run.seq_length, run.micro_batch_size)
+                            len(batches), run.seq_length, run.micro_batch_size)
         if result.loss is not None:
             losses.append(result.loss)
             if log_every and (step % log_every == 0 or step == 1):
-                logging.getLogger(__name__).info(
-                    "step %3d  loss %.4f  grad norm %.3f  %.0f ms", step, result.loss, result.grad_norm,
-                    1000 * (time.perf_counter() - started))
+                logger.info("step %3d  loss %.4f  grad norm %.3f  %.0f ms", step, result.loss,
+                            result.grad_norm, 1000 * (time.perf_counter() - started))
     return losses
 
 
@@ -107,12 +125,14 @@ def main() -> None:
     parser.add_argument("--use-distributed-optimizer", action="store_true")
     parser.add_argument("--steps", "--train-iters", dest="steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--save", default=None, help="dist checkpoint of the initial weights")
+    parser.add_argument("--load", default=None, help="start from this dist checkpoint (any layout)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     run = SyntheticRun(ParallelConfig(args.tp, args.pp, 1, args.vpp, args.sequence_parallel),
                        steps=args.steps, lr=args.lr, distributed_optimizer=args.use_distributed_optimizer)
     try:
-        losses = train_synthetic(run, log_every=5)
+        losses = train_synthetic(run, load_dir=args.load, save_dir=args.save, log_every=5)
         if losses and parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
             print(json.dumps({"first_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4),
                               "steps": len(losses), "tp": args.tp, "pp": args.pp}), flush=True)
