@@ -110,7 +110,8 @@ def train_synthetic(run: SyntheticRun, load_dir: Optional[str] = None, save_dir:
                             len(batches), run.seq_length, run.micro_batch_size)
         if result.loss is not None:
             losses.append(result.loss)
-            if log_every and (step % log_every == 0 or step == 1):
+            first_of_stage = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+            if log_every and first_of_stage and (step % log_every == 0 or step == 1):
                 logger.info("step %3d  loss %.4f  grad norm %.3f  %.0f ms", step, result.loss,
                             result.grad_norm, 1000 * (time.perf_counter() - started))
     return losses
@@ -129,6 +130,7 @@ def main() -> None:
     parser.add_argument("--load", default=None, help="start from this dist checkpoint (any layout)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
     run = SyntheticRun(ParallelConfig(args.tp, args.pp, 1, args.vpp, args.sequence_parallel),
                        steps=args.steps, lr=args.lr, distributed_optimizer=args.use_distributed_optimizer)
     try:

@@ -1,8 +1,9 @@
 """Logits parity across TP and dist_checkpointing resharding (TP=2 -> 1, PP=2 -> 1), plus bf16.
 
 Reference: the same initial weights at TP=PP=1 on one rank. Tolerances: TP=2 logits within
-1e-5 max abs of TP=1 (fp32); resharded weights bit-identical; bf16 logits within 0.1 max abs
-of fp32 (bf16 keeps 8 mantissa bits; measured ~0.01 on this model).
+1e-5 max abs of TP=1 (fp32; measured 1.3e-7); resharded weights bit-identical; bf16 logits
+within 0.02 max abs of fp32 (bf16 keeps 8 mantissa bits; measured 3.7e-3 for logits of
+magnitude <= 0.56): bf16 works on CPU, it is not refused.
 """
 
 from __future__ import annotations
@@ -81,4 +82,4 @@ def test_bf16_forward_on_cpu(tmp_path) -> None:
     [(reference, _)] = run_distributed(initial_checkpoint, 1, str(tmp_path / "init"))
     [logits] = run_distributed(load_logits, 1, str(tmp_path / "init"), ParallelConfig(), torch.bfloat16)
     assert torch.isfinite(logits).all()
-    assert (logits - reference).abs().max().item() <= 0.1
+    assert (logits - reference).abs().max().item() <= 0.02
