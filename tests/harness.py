@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -44,7 +45,9 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, results: Any
     except BaseException:  # report everything, including SystemExit from a CLI under test
         results.put((rank, "error", traceback.format_exc()))
     else:
-        results.put((rank, "ok", value))
+        # plain pickle keeps tensors inline: the queue's ForkingPickler would pass them through
+        # shared-memory handles that die with this process
+        results.put((rank, "ok", pickle.dumps(value)))
     finally:
         import torch.distributed as dist
 
@@ -83,7 +86,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 continue
             if status == "error":
                 raise RankFailed(f"{fn.__name__} failed on rank {rank} of {world_size}:\n{value}")
-            values[rank] = value
+            values[rank] = pickle.loads(value)
     finally:
         for proc in procs:
             if proc.is_alive() and len(values) < world_size:

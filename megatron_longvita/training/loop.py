@@ -9,6 +9,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import MegatronModule, TransformerConfig
 
@@ -30,15 +31,34 @@ def build_model_chunks(provider: ModelProvider) -> list[MegatronModule]:
     ]
 
 
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule in iterations (Megatron-LM's --lr-warmup-fraction, --lr-decay-style)."""
+
+    train_iters: int
+    lr_warmup_fraction: float = 0.0
+    lr_decay_style: str = "cosine"
+
+    def build(self, optimizer: MegatronOptimizer, config: OptimizerConfig) -> OptimizerParamScheduler:
+        """Peak and final LR come from the optimizer config (megatron keeps them per param group)."""
+        return OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.min_lr,
+            lr_warmup_steps=int(self.lr_warmup_fraction * self.train_iters),
+            lr_decay_steps=self.train_iters, lr_decay_style=self.lr_decay_style,
+            start_wd=0.0, end_wd=0.0, wd_incr_steps=self.train_iters, wd_incr_style="constant",
+        )
+
+
 @dataclass
 class TrainState:
     model: list[DistributedDataParallel]
     optimizer: MegatronOptimizer
     config: TransformerConfig
+    scheduler: Optional[OptimizerParamScheduler] = None
 
 
 def setup_training(chunks: list[MegatronModule], optimizer_config: OptimizerConfig,
-                   overlap_grad_reduce: bool = False) -> TrainState:
+                   overlap_grad_reduce: bool = False, schedule: Optional[ScheduleConfig] = None) -> TrainState:
     """Wrap chunks in megatron DDP, build the optimizer and wire the schedule hooks."""
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
@@ -63,7 +83,7 @@ def setup_training(chunks: list[MegatronModule], optimizer_config: OptimizerConf
         # (Megatron-LM issues #750/#1450).
         config.batch_p2p_comm = False
         config.overlap_p2p_comm = True
-    return TrainState(model, optimizer, config)
+    return TrainState(model, optimizer, config, schedule.build(optimizer, optimizer_config) if schedule else None)
 
 
 @dataclass
@@ -88,6 +108,8 @@ def train_step(state: TrainState, forward_step: Callable, data_iterator: Iterato
         forward_only=False,
     )
     update_successful, grad_norm, _ = state.optimizer.step()
+    if state.scheduler is not None and update_successful:
+        state.scheduler.step(increment=1)
     loss = None
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         # each micro-batch reports [loss sum, token count]

@@ -22,11 +22,12 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
-from megatron_longvita.checkpoint.dist import load_model, save_model
+from megatron_longvita.checkpoint.dist import (load_model, load_training_checkpoint, save_model,
+                                               save_training_checkpoint)
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.models.decoder import DecoderConfig, build_decoder
 from megatron_longvita.platform import destroy_distributed, initialize_distributed
-from megatron_longvita.training.loop import build_model_chunks, setup_training, train_step
+from megatron_longvita.training.loop import ScheduleConfig, build_model_chunks, setup_training, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,12 @@ def build_tiny_decoder_chunks(run: SyntheticRun) -> list:
 
 
 def train_synthetic(run: SyntheticRun, load_dir: Optional[str] = None, save_dir: Optional[str] = None,
-                    log_every: int = 0) -> list[float]:
-    """Train from scratch or from `load_dir`; returns per-step losses (empty off the last stage)."""
+                    log_every: int = 0, checkpoint_dir: Optional[str] = None, save_interval: int = 0,
+                    stop_after: Optional[int] = None) -> list[float]:
+    """Train from scratch or from the weights in `load_dir`; returns per-step losses (empty off
+    the last stage). With `checkpoint_dir`, resume from its latest training checkpoint and save
+    one every `save_interval` steps; `stop_after` ends the run early (a simulated interruption).
+    """
     initialize_distributed(run.parallel, seed=run.seed)
     chunks = build_tiny_decoder_chunks(run)
     if load_dir:
@@ -96,14 +101,19 @@ def train_synthetic(run: SyntheticRun, load_dir: Optional[str] = None, save_dir:
         save_model(chunks, save_dir)
     state = setup_training(
         chunks,
-        OptimizerConfig(optimizer="adam", lr=run.lr, weight_decay=0.0, clip_grad=1.0,
+        OptimizerConfig(optimizer="adam", lr=run.lr, min_lr=run.lr / 10, weight_decay=0.0, clip_grad=1.0,
                         bf16=run.params_dtype == torch.bfloat16, params_dtype=run.params_dtype,
                         use_distributed_optimizer=run.distributed_optimizer),
         overlap_grad_reduce=run.overlap_grad_reduce,
+        schedule=ScheduleConfig(train_iters=run.steps, lr_warmup_fraction=0.1),
     )
     batches = synthetic_microbatches(run, TINY_DECODER.vocab_size)
+    first_step = 1
+    if checkpoint_dir:
+        resumed = load_training_checkpoint(checkpoint_dir, state.model, state.optimizer, state.scheduler)
+        first_step = resumed.iteration + 1 if resumed else 1
     losses = []
-    for step in range(1, run.steps + 1):
+    for step in range(first_step, (run.steps if stop_after is None else stop_after) + 1):
         iterators = [iter(batches) for _ in state.model]
         started = time.perf_counter()
         result = train_step(state, forward_step, iterators if len(iterators) > 1 else iterators[0],
@@ -114,7 +124,19 @@ def train_synthetic(run: SyntheticRun, load_dir: Optional[str] = None, save_dir:
             if log_every and first_of_stage and (step % log_every == 0 or step == 1):
                 logger.info("step %3d  loss %.4f  grad norm %.3f  %.0f ms", step, result.loss,
                             result.grad_norm, 1000 * (time.perf_counter() - started))
+        if checkpoint_dir and save_interval and step % save_interval == 0:
+            save_training_checkpoint(checkpoint_dir, step, state.model, state.optimizer, state.scheduler, None)
     return losses
+
+
+def final_weights(run: SyntheticRun, checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """The weights of the latest training checkpoint, gathered at TP=PP=1 on this rank."""
+    initialize_distributed(ParallelConfig(), seed=run.seed)
+    [chunk] = build_tiny_decoder_chunks(SyntheticRun())
+    from megatron_longvita.checkpoint.dist import iteration_dir, latest_iteration
+
+    load_model([chunk], iteration_dir(checkpoint_dir, latest_iteration(checkpoint_dir)))
+    return {name: value.clone() for name, value in chunk.state_dict().items() if isinstance(value, torch.Tensor)}
 
 
 def main() -> None:
