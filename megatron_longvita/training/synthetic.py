@@ -150,13 +150,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--save", default=None, help="dist checkpoint of the initial weights")
     parser.add_argument("--load", default=None, help="start from this dist checkpoint (any layout)")
+    parser.add_argument("--checkpoint-dir", default=None, help="resume from / save training checkpoints here")
+    parser.add_argument("--save-interval", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
     run = SyntheticRun(ParallelConfig(args.tp, args.pp, 1, args.vpp, args.sequence_parallel),
                        steps=args.steps, lr=args.lr, distributed_optimizer=args.use_distributed_optimizer)
     try:
-        losses = train_synthetic(run, load_dir=args.load, save_dir=args.save, log_every=5)
+        losses = train_synthetic(run, load_dir=args.load, save_dir=args.save, log_every=5,
+                                 checkpoint_dir=args.checkpoint_dir, save_interval=args.save_interval)
         if losses and parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
             print(json.dumps({"first_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4),
                               "steps": len(losses), "tp": args.tp, "pp": args.pp}), flush=True)
