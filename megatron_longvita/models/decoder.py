@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -12,6 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from megatron_longvita.config.parallel import ParallelConfig
+from megatron_longvita.models.heads import HeadConfig, HeadedGPTModel
 from megatron_longvita.models.specs import decoder_block_spec
 from megatron_longvita.platform import setup_platform
 
@@ -86,8 +88,10 @@ class DecoderConfig:
 
 def build_decoder(config: DecoderConfig, transformer_config: TransformerConfig, pre_process: bool = True,
                   post_process: bool = True, vp_stage: Optional[int] = None,
-                  layer_spec: Optional[str] = None) -> GPTModel:
-    return GPTModel(
+                  layer_spec: Optional[str] = None, head: Optional[HeadConfig] = None) -> GPTModel:
+    """megatron's GPTModel; with ``head``, a HeadedGPTModel whose last stage uses those output heads."""
+    model_class = GPTModel if head is None else functools.partial(HeadedGPTModel, head=head)
+    return model_class(
         config=transformer_config,
         transformer_layer_spec=decoder_block_spec(transformer_config, layer_spec, vp_stage),
         vocab_size=config.padded_vocab_size(transformer_config.tensor_model_parallel_size),
