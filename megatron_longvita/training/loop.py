@@ -61,6 +61,10 @@ def setup_training(chunks: list[MegatronModule], optimizer_config: OptimizerConf
                    overlap_grad_reduce: bool = False, schedule: Optional[ScheduleConfig] = None) -> TrainState:
     """Wrap chunks in megatron DDP, build the optimizer and wire the schedule hooks."""
     config = chunks[0].config
+    # The loss is the per-token mean over the whole global batch (all micro-batches, DP and
+    # CP ranks): finalize_model_grads divides by the total token count instead of each
+    # micro-batch by its own. DDP reads this when it is built (no 1/DP gradient scaling).
+    config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,

@@ -55,6 +55,9 @@ def synthetic_microbatches(run: SyntheticRun, vocab_size: int) -> list[dict[str,
     generator = torch.Generator().manual_seed(run.seed)
     sequences = torch.randint(0, vocab_size, (run.global_microbatches, run.micro_batch_size, run.seq_length + 1),
                               generator=generator)
+    # ~30% of targets unlabelled, unevenly per micro-batch: the loss must be the per-token mean
+    # over the global batch, not a mean of per-micro-batch means
+    loss_masks = (torch.rand(sequences[..., 1:].shape, generator=generator) > 0.3).float()
     dp_size = parallel_state.get_data_parallel_world_size()
     if run.global_microbatches % dp_size:
         raise ValueError(f"{run.global_microbatches} micro-batches cannot be split over {dp_size} DP ranks")
@@ -63,8 +66,8 @@ def synthetic_microbatches(run: SyntheticRun, vocab_size: int) -> list[dict[str,
     positions = torch.arange(run.seq_length).expand(run.micro_batch_size, -1).contiguous()
     return [
         {"tokens": sequence[:, :-1].contiguous(), "labels": sequence[:, 1:].contiguous(),
-         "loss_mask": torch.ones(run.micro_batch_size, run.seq_length), "position_ids": positions}
-        for sequence in sequences[first:first + per_rank]
+         "loss_mask": loss_mask, "position_ids": positions}
+        for sequence, loss_mask in zip(sequences[first:first + per_rank], loss_masks[first:first + per_rank])
     ]
 
 
