@@ -124,6 +124,27 @@ _declare("cpu-rng-tracker-add", "megatron.core.tensor_parallel.random.CudaRNGSta
 _declare("cpu-rng-tracker-fork", "megatron.core.tensor_parallel.random.CudaRNGStatesTracker.fork",
          _cpu_rng_fork, "dropout and TP weight init fork the CUDA RNG state even at p=0")
 
+def _cpu_get_rng_state(_original: Callable) -> Callable:
+    def get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+        """The CPU generator stands in for the device one."""
+        return torch.get_rng_state()
+
+    return get_rng_state
+
+
+def _cpu_set_rng_state(_original: Callable) -> Callable:
+    def set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+        torch.set_rng_state(new_state)
+
+    return set_rng_state
+
+
+_declare("cpu-get-rng-state", "megatron.core.tensor_parallel.random._get_cuda_rng_state", _cpu_get_rng_state,
+         "activation recompute (CheckpointFunction) saves the CUDA RNG state")
+_declare("cpu-set-rng-state", "megatron.core.tensor_parallel.random._set_cuda_rng_state", _cpu_set_rng_state,
+         "activation recompute restores the CUDA RNG state before re-running the forward")
+
+
 def _cpu_pos_emb_split(_original: Callable) -> Callable:
     from megatron_longvita.parallel.zigzag import megatron_pos_emb_on_this_cp_rank
 
