@@ -1,0 +1,81 @@
+"""Stage recipes match SPEC section 6; Megatron flags override YAML; bad settings name the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_longvita.config.parallel import ConfigError
+from megatron_longvita.config.train import load_yaml, parse_args
+
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
+
+# SPEC 6 (64 devices): seq length, TP/PP/CP/DP, global batch, iterations, lr -> min, packing, frames
+STAGES = {
+    "stage1_14b": (32768, (8, 1, 1, 8), 512, 1000, (1e-3, 1e-5), "reset", 128),
+    "stage2_14b": (16384, (8, 1, 1, 8), 512, 5000, (1e-5, 1e-7), "reset", 128),
+    "stage3_14b": (131072, (8, 1, 2, 4), 64, 1000, (5e-6, 1e-7), "no_reset", 512),
+    "stage4_14b": (1048576, (8, 1, 8, 1), 8, 500, (5e-6, 1e-7), "no_reset", 4096),
+}
+TRAINABLE = {  # (vision, projector, language model)
+    "stage1_14b": (False, True, False),
+    "stage2_14b": (True, True, True),
+    "stage3_14b": (False, True, True),
+    "stage4_14b": (False, True, True),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_recipe_matches_spec(stage: str) -> None:
+    config = load_yaml(str(CONFIGS / f"{stage}.yaml"))
+    seq, (tp, pp, cp, dp), batch, iters, (lr, min_lr), packing, frames = STAGES[stage]
+    config.validate(world_size=64)
+    assert config.data.seq_length == seq and config.data.packing == packing and config.data.max_num_frames == frames
+    parallel = config.parallel
+    assert (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+            parallel.context_parallel_size, parallel.data_parallel_size(64)) == (tp, pp, cp, dp)
+    assert config.data.global_batch_size == batch and config.schedule.train_iters == iters
+    assert (config.optimizer.lr, config.optimizer.min_lr) == (lr, min_lr)
+    assert config.bf16 and parallel.sequence_parallel and config.optimizer.use_distributed_optimizer
+    assert config.optimizer.weight_decay == 0.0 and config.optimizer.clip_grad == 1.0
+    assert config.optimizer.adam_beta2 == 0.999 and config.data.micro_batch_size == 1
+    model = config.model
+    assert (not model.freeze_vision, not model.freeze_projector, not model.freeze_language_model) == TRAINABLE[stage]
+    assert Path(config.data.mixture).exists()
+
+
+def test_stage_specifics() -> None:
+    stage2, stage3, stage4 = (load_yaml(str(CONFIGS / f"stage{n}_14b.yaml")) for n in (2, 3, 4))
+    assert (stage2.optimizer.vision_lr_mult, stage2.optimizer.vision_layer_decay) == (0.1, 0.9)
+    assert stage3.model.recompute_num_layers == 20
+    assert stage4.model.recompute_num_layers == 48 and stage4.model.lm_head == "masked"
+
+
+def test_megatron_flags_override_the_yaml() -> None:
+    config = parse_args(["--config", str(CONFIGS / "stage1_14b.yaml"), "--tensor-model-parallel-size", "2",
+                         "--lr", "3e-4", "--train-iters", "7", "--logits-mask", "--save", "/tmp/ckpt"])
+    assert config.parallel.tensor_model_parallel_size == 2 and config.parallel.sequence_parallel
+    assert config.optimizer.lr == 3e-4 and config.schedule.train_iters == 7
+    assert config.model.lm_head == "masked" and config.checkpoint.save == "/tmp/ckpt"
+
+
+@pytest.mark.parametrize("flags, world_size, message", [
+    (["--tensor-model-parallel-size", "16"], 64, r"--tensor-model-parallel-size 16 does not divide the LLM attention heads \(40\)"),
+    (["--context-parallel-size", "2", "--seq-length", "32766"], 64, r"--seq-length 32766 is not divisible by 2 x --context-parallel-size = 4"),
+    (["--global-batch-size", "12"], 64, r"--global-batch-size 12 is not divisible by --micro-batch-size x data-parallel size = 1 x 8"),
+    ([], 60, r"world size 60 is not divisible by TP x PP x CP"),
+    (["--context-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "8"], 64,
+     r"reset packing under --context-parallel-size > 1 needs --micro-batch-size 1"),
+])
+def test_bad_settings_fail_with_the_fix(flags: list[str], world_size: int, message: str) -> None:
+    config = parse_args(["--config", str(CONFIGS / "stage1_14b.yaml"), *flags])
+    with pytest.raises(ConfigError, match=message):
+        config.validate(world_size)
+
+
+def test_unknown_yaml_key_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optimizer: {lr: 1.0e-4, learning_rate: 2}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: optimizer: unknown key\(s\) \['learning_rate'\]"):
+        load_yaml(str(bad))
