@@ -104,8 +104,9 @@ class TrainConfig:
         if cp > 1 and self.data.seq_length % (2 * cp):
             raise ConfigError(f"--seq-length {self.data.seq_length} is not divisible by 2 x --context-parallel-size "
                               f"= {2 * cp} (zigzag chunks); use a multiple of {2 * cp}")
-        if cp > 1 and self.data.packing == "reset" and self.data.micro_batch_size != 1:
-            raise ConfigError("reset packing under --context-parallel-size > 1 needs --micro-batch-size 1")
+        if self.data.packing == "reset" and self.data.micro_batch_size != 1:
+            raise ConfigError("reset packing keeps one packed row per micro-batch (document boundaries are per "
+                              "row): use --micro-batch-size 1")
         dp = self.parallel.data_parallel_size(world_size)
         per_step = self.data.micro_batch_size * dp
         if self.data.global_batch_size % per_step:

@@ -11,7 +11,7 @@ of logits at a time, recomputing the chunk in backward so that only one chunk of
 ever alive.
 
 Every head gives the same per-token loss at labelled positions, so megatron's schedules and
-the 3-tuple loss function (``training.synthetic.masked_loss``) work unchanged with any of
+the 3-tuple loss function (``training.loop.masked_loss``) work unchanged with any of
 them. Heads see token-major, full-sequence (not sequence-parallel) hidden states [n, h];
 :class:`HeadedGPTModel` does the layout work (SP gather, CP positions, [s, b] <-> tokens).
 

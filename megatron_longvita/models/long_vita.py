@@ -11,6 +11,7 @@ import functools
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer import TransformerConfig
@@ -22,6 +23,7 @@ from megatron_longvita.models.heads import HeadConfig
 from megatron_longvita.models.presets import ModelConfig
 from megatron_longvita.models.projector import Projector
 from megatron_longvita.models.vision import InternViT
+from megatron_longvita.parallel import zigzag_gather, zigzag_split
 from megatron_longvita.registry import Registry
 from megatron_longvita.training.loop import ModelProvider
 
@@ -30,20 +32,25 @@ MODEL_PROVIDERS: Registry = Registry("model provider")
 
 
 def scatter_vision_embeddings(embeddings: torch.Tensor, features: torch.Tensor, placeholders: torch.Tensor,
-                              sequence_parallel: bool) -> torch.Tensor:
+                              sequence_parallel: bool, cp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Replace placeholder positions of the text embeddings by vision tokens, in order.
 
     embeddings: [s, b, h], or this TP rank's [s/tp, b, h] slice under sequence parallelism.
-    features: [n, h], n = number of placeholders; placeholders: [b, s] bool. Order is batch-major
-    over [b, s], as transformers' masked_scatter fills.
+    features: [n, h], n = number of placeholders in the whole sequence; placeholders: [b, s]
+    bool. Order is batch-major over [b, s], as transformers' masked_scatter fills. Under
+    context parallelism (``cp_group``) the inputs are this rank's zigzag share: the
+    placeholder order is counted on the gathered sequence, then cut back to the share.
     """
-    count = int(placeholders.sum())
+    full = placeholders if cp_group is None else zigzag_gather(placeholders.int(), 1, cp_group).bool()
+    count = int(full.sum())
     if count != features.shape[0]:
         raise ValueError(f"the prompt has {count} vision placeholder tokens but the tiles give {features.shape[0]} "
                          f"vision embeddings; expand each tile to exactly tokens_per_tile placeholders")
     if count == 0:
         return embeddings
-    index = (placeholders.flatten().cumsum(0) - 1).clamp(min=0).view_as(placeholders)
+    index = (full.flatten().cumsum(0) - 1).clamp(min=0).view_as(full)
+    if cp_group is not None:
+        index = zigzag_split(index, 1, cp_group.size(), cp_group.rank())
     vision = features[index.t()]  # [s, b, h], rows at non-placeholders are ignored
     mask = placeholders.t().unsqueeze(-1)
     if sequence_parallel:
@@ -94,7 +101,8 @@ class LongVitaModel(MegatronModule):
             features = embeddings.new_zeros(0, embeddings.shape[-1])
         else:
             features = self.projector(self.vision(pixel_values)).flatten(0, 1)
-        return scatter_vision_embeddings(embeddings, features, placeholders, self.config.sequence_parallel)
+        cp_group = parallel_state.get_context_parallel_group() if self.config.context_parallel_size > 1 else None
+        return scatter_vision_embeddings(embeddings, features, placeholders, self.config.sequence_parallel, cp_group)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                 pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,

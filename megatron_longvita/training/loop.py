@@ -8,7 +8,8 @@ from typing import Callable, Iterator, Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (MegatronOptimizer, OptimizerConfig, ParamKey, get_megatron_optimizer,
+                                     get_standard_config_overrides)
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import MegatronModule, TransformerConfig
@@ -58,7 +59,8 @@ class TrainState:
 
 
 def setup_training(chunks: list[MegatronModule], optimizer_config: OptimizerConfig,
-                   overlap_grad_reduce: bool = False, schedule: Optional[ScheduleConfig] = None) -> TrainState:
+                   overlap_grad_reduce: bool = False, schedule: Optional[ScheduleConfig] = None,
+                   config_overrides: Optional[dict[ParamKey, dict]] = None) -> TrainState:
     """Wrap chunks in megatron DDP, build the optimizer and wire the schedule hooks."""
     config = chunks[0].config
     # The loss is the per-token mean over the whole global batch (all micro-batches, DP and
@@ -76,7 +78,9 @@ def setup_training(chunks: list[MegatronModule], optimizer_config: OptimizerConf
     ]
     for chunk in model:
         chunk.broadcast_params()
-    optimizer = get_megatron_optimizer(optimizer_config, model)
+    if config_overrides:  # keep megatron's defaults (no weight decay on biases and norms) beside ours
+        config_overrides = {**get_standard_config_overrides(optimizer_config), **config_overrides}
+    optimizer = get_megatron_optimizer(optimizer_config, model, config_overrides=config_overrides)
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
     if overlap_grad_reduce:
@@ -88,6 +92,13 @@ def setup_training(chunks: list[MegatronModule], optimizer_config: OptimizerConf
         config.batch_p2p_comm = False
         config.overlap_p2p_comm = True
     return TrainState(model, optimizer, config, schedule.build(optimizer, optimizer_config) if schedule else None)
+
+
+def masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Megatron's 3-tuple loss contract: (loss sum, token count, {name: [sum, count]})."""
+    loss_sum = (per_token_loss.float() * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach().clone(), num_tokens.float()])}
 
 
 @dataclass

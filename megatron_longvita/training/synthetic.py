@@ -27,7 +27,7 @@ from megatron_longvita.checkpoint.dist import (load_model, load_training_checkpo
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.models.decoder import DecoderConfig, build_decoder
 from megatron_longvita.platform import destroy_distributed, initialize_distributed
-from megatron_longvita.training.loop import ScheduleConfig, build_model_chunks, setup_training, train_step
+from megatron_longvita.training.loop import ScheduleConfig, build_model_chunks, masked_loss, setup_training, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +69,6 @@ def synthetic_microbatches(run: SyntheticRun, vocab_size: int) -> list[dict[str,
          "loss_mask": loss_mask, "position_ids": positions}
         for sequence, loss_mask in zip(sequences[first:first + per_rank], loss_masks[first:first + per_rank])
     ]
-
-
-def masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Megatron's 3-tuple loss contract: (loss sum, token count, {name: [sum, count]})."""
-    loss_sum = (per_token_loss.float() * loss_mask).sum()
-    num_tokens = loss_mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach().clone(), num_tokens.float()])}
 
 
 def forward_step(data_iterator, model):

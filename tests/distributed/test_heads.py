@@ -58,7 +58,7 @@ def _microbatches(vocab_size: int) -> list[dict[str, torch.Tensor]]:
 
 
 def _forward_step(data_iterator, model):
-    from megatron_longvita.training.synthetic import masked_loss
+    from megatron_longvita.training.loop import masked_loss
 
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"],

@@ -66,7 +66,7 @@ def test_megatron_flags_override_the_yaml() -> None:
     (["--global-batch-size", "12"], 64, r"--global-batch-size 12 is not divisible by --micro-batch-size x data-parallel size = 1 x 8"),
     ([], 60, r"world size 60 is not divisible by TP x PP x CP"),
     (["--context-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "8"], 64,
-     r"reset packing under --context-parallel-size > 1 needs --micro-batch-size 1"),
+     r"reset packing keeps one packed row per micro-batch"),
 ])
 def test_bad_settings_fail_with_the_fix(flags: list[str], world_size: int, message: str) -> None:
     config = parse_args(["--config", str(CONFIGS / "stage1_14b.yaml"), *flags])
