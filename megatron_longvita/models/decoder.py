@@ -14,8 +14,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.models.heads import HeadConfig, HeadedGPTModel
-from megatron_longvita.models.specs import decoder_block_spec
-from megatron_longvita.platform import setup_platform
+from megatron_longvita.models.specs import common_transformer_settings, decoder_block_spec
 
 
 @dataclass(frozen=True)
@@ -44,11 +43,6 @@ class DecoderConfig:
 
     def transformer_config(self, parallel: ParallelConfig, params_dtype: torch.dtype = torch.float32,
                            recompute_num_layers: int = 0, **overrides) -> TransformerConfig:
-        platform = setup_platform()
-        recompute = (
-            dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=recompute_num_layers)
-            if recompute_num_layers else {}
-        )
         return TransformerConfig(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -62,26 +56,13 @@ class DecoderConfig:
             activation_func=F.silu,
             normalization="RMSNorm",
             layernorm_epsilon=self.norm_epsilon,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
             context_parallel_size=parallel.context_parallel_size,
             sequence_parallel=parallel.sequence_parallel,
-            params_dtype=params_dtype,
             pipeline_dtype=params_dtype,
-            bf16=params_dtype == torch.bfloat16,
-            # Full-size init on every rank, then split: weights do not depend on TP (parity tests).
-            use_cpu_initialization=platform.name == "cpu",
-            # Fused CUDA kernels (apex/TE) are not on the local path.
-            bias_activation_fusion=False,
-            masked_softmax_fusion=False,
-            persist_layer_norm=False,
-            bias_dropout_fusion=False,
-            apply_rope_fusion=False,
-            gradient_accumulation_fusion=False,
-            **recompute,
+            **common_transformer_settings(params_dtype, recompute_num_layers),
             **overrides,
         )
 

@@ -6,7 +6,9 @@ in here, NPU plugs its fused kernel.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
+
+import torch
 
 from megatron.core.transformer import ModuleSpec, TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -44,6 +46,30 @@ def te_decoder_layer_spec(config: TransformerConfig) -> ModuleSpec:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     return get_gpt_layer_with_transformer_engine_spec(normalization=config.normalization)
+
+
+def common_transformer_settings(params_dtype: torch.dtype, recompute_num_layers: int = 0) -> dict[str, Any]:
+    """TransformerConfig fields the LLM and the vision tower share: dtype, platform, recompute."""
+    recompute = (
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=recompute_num_layers)
+        if recompute_num_layers else {}
+    )
+    return dict(
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        # Full-size init on every rank, then split: weights do not depend on TP (parity tests).
+        use_cpu_initialization=setup_platform().name == "cpu",
+        # Fused CUDA kernels (apex/TE) are not on the local path.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        **recompute,
+    )
 
 
 def default_layer_spec_name(config: TransformerConfig) -> str:

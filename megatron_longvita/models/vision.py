@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.models.norms import TorchNorm
+from megatron_longvita.models.specs import common_transformer_settings
 from megatron_longvita.platform import setup_platform
 from megatron_longvita.registry import Registry
 
@@ -48,10 +49,6 @@ class VisionConfig:
     def transformer_config(self, parallel: ParallelConfig, params_dtype: torch.dtype = torch.float32,
                            recompute_num_layers: int = 0) -> TransformerConfig:
         """Same TP / SP as the LLM; no pipeline or context split (the tower lives on stage 0, whole)."""
-        recompute = (
-            dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=recompute_num_layers)
-            if recompute_num_layers else {}
-        )
         return TransformerConfig(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -64,20 +61,9 @@ class VisionConfig:
             activation_func=F.gelu,
             normalization="LayerNorm",
             layernorm_epsilon=self.norm_epsilon,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             sequence_parallel=parallel.sequence_parallel,
-            params_dtype=params_dtype,
-            bf16=params_dtype == torch.bfloat16,
-            use_cpu_initialization=setup_platform().name == "cpu",
-            bias_activation_fusion=False,
-            masked_softmax_fusion=False,
-            persist_layer_norm=False,
-            bias_dropout_fusion=False,
-            apply_rope_fusion=False,
-            gradient_accumulation_fusion=False,
-            **recompute,
+            **common_transformer_settings(params_dtype, recompute_num_layers),
         )
 
 
