@@ -9,7 +9,6 @@ weights only, from a training checkpoint or a converted HF checkpoint).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging

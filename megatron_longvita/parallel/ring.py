@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_longvita.parallel.kernels import BLOCK_KERNELS, BlockKernel, Segment, lse_dtype
+from megatron_longvita.parallel.kernels import BLOCK_KERNELS, BlockKernel, Segment
 from megatron_longvita.parallel.zigzag import ContextParallelLayoutError, zigzag_positions
 
 _KV_TAG, _DKV_TAG = 0, 1

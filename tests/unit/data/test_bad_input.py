@@ -13,7 +13,7 @@ from .factories import make_empty_video, make_frame_dir, make_image, vqa, write_
 def bad_corpus(tmp_path) -> dict:
     """One good sample first, then one sample of every bad kind, each on a known line."""
     media = tmp_path
-    good = make_image(str(media / "good.png"), 80, 60)
+    make_image(str(media / "good.png"), 80, 60)
     truncated = make_image(str(media / "truncated.png"), 300, 200)
     with open(truncated, "r+b") as handle:  # header intact, pixel data cut
         handle.truncate(os.path.getsize(truncated) // 3)
