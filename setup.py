@@ -22,6 +22,7 @@ setup(
         "sentencepiece",
         "psutil",  # dist_checkpointing's writer imports it at save time; without it the save hangs
         "tqdm",
+        "tensorboard",  # train.py --tensorboard-dir
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "transformers>=4.52"],
