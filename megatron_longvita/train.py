@@ -21,6 +21,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig, ParamKey
 
+from megatron_longvita.checkpoint.convert import save_model_config
 from megatron_longvita.checkpoint.dist import (iteration_dir, latest_iteration, load_model,
                                                load_training_checkpoint, save_training_checkpoint)
 from megatron_longvita.config.parallel import ConfigError
@@ -111,7 +112,7 @@ def build_loader(config: TrainConfig, model: ModelConfig):
 
 def setup(config: TrainConfig, model: ModelConfig) -> TrainState:
     platform = setup_platform()
-    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    dtype = config.params_dtype
     # reset packing keeps documents apart: the local spec's attention cannot, ring attention can (CP=1 too)
     layer_spec = "local_ring" if config.data.packing == "reset" and not platform.transformer_engine else None
     provider = MODEL_PROVIDERS.get(config.model.provider)(
@@ -160,24 +161,25 @@ def _is_logging_rank() -> bool:
             and parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0)
 
 
-def prepare(config: TrainConfig) -> tuple[TrainState, object]:
+def prepare(config: TrainConfig) -> tuple[TrainState, object, ModelConfig]:
     """Validate, initialise the process groups, build model + optimizer and this rank's data."""
     config.validate(int(os.environ.get("WORLD_SIZE", "1")))
     initialize_distributed(config.parallel, seed=config.seed)
     from megatron_longvita.data import ChatTokenizer
 
     model = resolve_model(config, ChatTokenizer.from_dir(config.data.tokenizer))
-    return setup(config, model), build_loader(config, model)
+    return setup(config, model), build_loader(config, model), model
 
 
 def train(config: TrainConfig) -> list[float]:
     """Run the stage under a torchrun environment; per-step losses on the logging rank."""
-    state, loader = prepare(config)
-    return run_iterations(config, state, loader)
+    return run_iterations(config, *prepare(config))
 
 
-def run_iterations(config: TrainConfig, state: TrainState, loader) -> list[float]:
+def run_iterations(config: TrainConfig, state: TrainState, loader, model: ModelConfig) -> list[float]:
     world_size = torch.distributed.get_world_size()
+    # generate.py and mcore2hf rebuild the model from this file next to the weights
+    model_config_writer = functools.partial(save_model_config, config=model, dtype=config.params_dtype)
     if not config.checkpoint.save:
         logger.warning("no --save given: this run writes no checkpoints")
     start = _restore(config, state, loader)
@@ -222,7 +224,7 @@ def run_iterations(config: TrainConfig, state: TrainState, loader) -> list[float
         if ckpt.save and ((ckpt.save_interval and iteration % ckpt.save_interval == 0)
                           or iteration == config.schedule.train_iters):
             save_training_checkpoint(ckpt.save, iteration, state.model, state.optimizer, state.scheduler,
-                                     loader.state_dict())
+                                     loader.state_dict(), write_extra=model_config_writer)
     if writer is not None:
         writer.close()
     return losses

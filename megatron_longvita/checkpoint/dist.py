@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -109,8 +109,10 @@ class TrainingState:
 
 
 def save_training_checkpoint(save_dir: str, iteration: int, chunks: list[torch.nn.Module], optimizer,
-                             scheduler, data_state: Optional[dict]) -> str:
-    """Collective. Returns the final checkpoint directory."""
+                             scheduler, data_state: Optional[dict],
+                             write_extra: Optional[Callable[[str], None]] = None) -> str:
+    """Collective. Returns the final checkpoint directory. ``write_extra(directory)`` runs on rank 0
+    before the rename, so side files (e.g. the model config) are part of the atomic checkpoint."""
     final = iteration_dir(save_dir, iteration)
     staging = final + ".tmp"
     if dist.get_rank() == 0:
@@ -129,6 +131,8 @@ def save_training_checkpoint(save_dir: str, iteration: int, chunks: list[torch.n
     dist_checkpointing.save(state, staging, content_metadata=OPTIMIZER_SHARDING)
     dist.barrier()
     if dist.get_rank() == 0:
+        if write_extra is not None:
+            write_extra(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         tracker = os.path.join(save_dir, TRACKER)

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+import torch
 import yaml
 
 from megatron_longvita.config.parallel import ConfigError, ParallelConfig
@@ -92,6 +93,10 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     bf16: bool = False
     seed: int = 1234
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
 
     def validate(self, world_size: int) -> None:
         """Everything checkable without a process group; each error names the flag to change."""
