@@ -36,7 +36,7 @@ class SyntheticCorpus:
 def draw_shape(path: str, colour: str, shape: str, size: int, rng: np.random.Generator) -> str:
     image = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    extent = int(rng.integers(size // 3, size * 3 // 4))
+    extent = int(rng.integers(size * 2 // 3, size))  # large: colour and outline dominate the few tiles
     left, top = (int(v) for v in rng.integers(0, size - extent, size=2))
     box = (left, top, left + extent, top + extent)
     if shape == "circle":
