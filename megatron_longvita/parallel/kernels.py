@@ -14,14 +14,15 @@ takes the ring's *final* output and log-sum-exp, so each block's softmax probabi
 are the global ones and the per-block gradients simply add up.
 
 Kernels are registered under :attr:`Platform.attention_kernel` names: "cpu_flash",
-"flash_attn", "sdpa" (the math kernel) and "math"; "npu_fusion_attention" is not written
-yet, so NPU runs fail with the registry's list of known kernels.
+"flash_attn", "npu_fusion_attention", "sdpa" (the math kernel) and "math".
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Protocol, Sequence
 
 import torch
@@ -141,9 +142,24 @@ class MathKernel(SegmentLoopKernel):
 class FlashAttnKernel(SegmentLoopKernel):
     """flash-attn >= 2.7 (fp16/bf16, [b, s, h, d] views, GQA-aware), imported on first use.
 
+    The CUDA platform picks this kernel whenever flash-attn is installed, whatever the
+    model's dtype, and flash-attn has no fp32 path: other dtypes fall back to the math
+    kernel (exact, but it materialises each segment's [sq, sk] scores).
+
     Not exercised by this repository's CPU tests; run tests/distributed/test_ring_attention.py
     with the CUDA platform to check it. A varlen call per block would replace the segment loop.
     """
+
+    DTYPES = (torch.float16, torch.bfloat16)
+    _fallback = MathKernel()
+
+    def forward(self, q, k, v, segments, causal, scale):
+        kernel = super() if q.dtype in self.DTYPES else self._fallback
+        return kernel.forward(q, k, v, segments, causal, scale)
+
+    def backward(self, dout, q, k, v, out, lse, segments, causal, scale):
+        kernel = super() if q.dtype in self.DTYPES else self._fallback
+        return kernel.backward(dout, q, k, v, out, lse, segments, causal, scale)
 
     def _attend(self, q, k, v, causal, scale):
         from flash_attn.flash_attn_interface import _flash_attn_forward
@@ -165,7 +181,60 @@ class FlashAttnKernel(SegmentLoopKernel):
         return tuple(g.transpose(1, 2) for g in grads)
 
 
+def _torch_npu() -> ModuleType:
+    try:
+        import torch_npu
+    except ImportError as error:
+        raise ImportError("the npu_fusion_attention block kernel needs torch_npu (Ascend's PyTorch adapter); "
+                          "install it, or pick another kernel (ring_attention(kernel=...))") from error
+    return torch_npu
+
+
+@functools.cache
+def _npu_causal_mask(device: torch.device) -> Tensor:
+    """The op's compressed causal mask for sparse_mode 3: a fixed 2048 x 2048 upper triangle (True = masked)."""
+    return torch.ones(2048, 2048, dtype=torch.bool, device=device).triu(1)
+
+
+class NpuFusionAttentionKernel(SegmentLoopKernel):
+    """Ascend's fused attention, ``torch_npu.npu_fusion_attention`` (+ ``_grad``), imported on first use.
+
+    BNSD layout: k/v keep their hkv heads (the op supports GQA with hq a multiple of hkv).
+    A causal segment is square, so the op's right-down causal mode (sparse_mode 3, with its
+    compressed 2048 x 2048 mask) is the diagonal-aligned triangle we need. The op returns
+    softmax_max and softmax_sum [b, hq, sq, 8] (the value replicated over the last dim), of
+    the scaled scores: lse = max + log(sum), as MindSpeed's ring attention does. Its
+    backward takes (max, sum); the ring's final lse is passed as (lse, 1), which gives the
+    same probabilities exp(scores - lse). dtypes are the op's: fp16/bf16, plus fp32 on recent
+    CANN versions.
+
+    Not exercised by this repository's tests (no NPU here); run
+    tests/distributed/test_ring_attention.py on an NPU with the npu platform to check it.
+    """
+
+    def _sparse_args(self, q: Tensor, k: Tensor, causal: bool) -> dict:
+        sk = k.shape[2]
+        if causal:
+            return dict(atten_mask=_npu_causal_mask(q.device), sparse_mode=3, pre_tockens=sk, next_tockens=0)
+        return dict(atten_mask=None, sparse_mode=0, pre_tockens=sk, next_tockens=sk)
+
+    def _attend(self, q, k, v, causal, scale):
+        out, softmax_max, softmax_sum, *_ = _torch_npu().npu_fusion_attention(
+            q.contiguous(), k.contiguous(), v.contiguous(), q.shape[1], "BNSD", scale=scale, keep_prob=1.0,
+            **self._sparse_args(q, k, causal))
+        return out, softmax_max[..., 0] + softmax_sum[..., 0].log()
+
+    def _attend_backward(self, dout, q, k, v, out, lse, causal, scale):
+        softmax_max = lse.unsqueeze(-1).expand(*lse.shape, 8).contiguous()
+        dq, dk, dv, *_ = _torch_npu().npu_fusion_attention_grad(
+            q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous(), q.shape[1], "BNSD",
+            softmax_max=softmax_max, softmax_sum=torch.ones_like(softmax_max), attention_in=out.contiguous(),
+            scale_value=scale, keep_prob=1.0, **self._sparse_args(q, k, causal))
+        return dq, dk, dv
+
+
 BLOCK_KERNELS.register("cpu_flash")(CpuFlashKernel())
 BLOCK_KERNELS.register("flash_attn")(FlashAttnKernel())
 BLOCK_KERNELS.register("math")(MathKernel())
+BLOCK_KERNELS.register("npu_fusion_attention")(NpuFusionAttentionKernel())
 BLOCK_KERNELS.register("sdpa")(BLOCK_KERNELS.get("math"))

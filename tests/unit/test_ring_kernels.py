@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Optional, Sequence
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from megatron_longvita.parallel import BLOCK_KERNELS, Segment, ring_attention
+from megatron_longvita.platform import _describe
 
 KERNELS = ["cpu_flash", "math"]
 
@@ -80,3 +82,30 @@ def test_single_rank_ring_matches_reference(kernel: str, case: str) -> None:
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flash_attn_kernel_falls_back_to_math_outside_fp16_bf16(dtype: torch.dtype) -> None:
+    """flash-attn has no fp32 path: the kernel the CUDA platform picks must still run fp32 models."""
+    q, k, v = (_bhsd(t) for t in _qkv(12, 2, 4, 2, dtype=dtype))
+    segments = [Segment(0, 5, 0, 5), Segment(5, 12, 5, 12)]
+    flash, math_kernel = BLOCK_KERNELS.get("flash_attn"), BLOCK_KERNELS.get("math")
+    out, lse = flash.forward(q, k, v, segments, True, 0.3)  # no flash_attn import: it is not installed here
+    expected_out, expected_lse = math_kernel.forward(q, k, v, segments, True, 0.3)
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+    dout = torch.randn_like(out)
+    grads = flash.backward(dout, q, k, v, out, lse, segments, True, 0.3)
+    for got, want in zip(grads, math_kernel.backward(dout, q, k, v, out, lse, segments, True, 0.3)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="checks the error without torch_npu")
+def test_npu_kernel_is_registered_and_names_torch_npu_when_missing() -> None:
+    kernel = BLOCK_KERNELS.get(_describe("npu").attention_kernel)
+    q, k, v = (_bhsd(t) for t in _qkv(4, 1, 2, 1, dtype=torch.float16))
+    segments = [Segment(0, 4, 0, 4)]
+    with pytest.raises(ImportError, match="torch_npu"):
+        kernel.forward(q, k, v, segments, True, 0.5)
+    lse = torch.zeros(q.shape[:-1])
+    with pytest.raises(ImportError, match="torch_npu"):
+        kernel.backward(q, q, k, v, q, lse, segments, True, 0.5)
