@@ -10,6 +10,7 @@ weights only, from a training checkpoint or a converted HF checkpoint).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -203,9 +204,11 @@ def run_iterations(config: TrainConfig, state: TrainState, loader, model: ModelC
             yield batch
 
     counted = counting(batches)
+    # with interleaving every model chunk walks the same micro-batches
+    data = counted if len(state.model) == 1 else list(itertools.tee(counted, len(state.model)))
     for iteration in range(start + 1, config.schedule.train_iters + 1):
-        result = train_step(state, forward_step, counted if len(state.model) == 1 else [counted] * len(state.model),
-                            num_microbatches, config.data.seq_length, config.data.micro_batch_size)
+        result = train_step(state, forward_step, data, num_microbatches, config.data.seq_length,
+                            config.data.micro_batch_size)
         if result.loss is not None:
             losses.append(result.loss)
         if iteration % config.logging.log_interval == 0 and _is_logging_rank():
@@ -220,11 +223,15 @@ def run_iterations(config: TrainConfig, state: TrainState, loader, model: ModelC
                     if record[key] is not None:
                         writer.add_scalar(f"train/{key}", record[key], iteration)
             tokens_since_log, started = 0, time.perf_counter()
-        ckpt = config.checkpoint
-        if ckpt.save and ((ckpt.save_interval and iteration % ckpt.save_interval == 0)
+        ckpt, exit_interval = config.checkpoint, config.schedule.exit_interval
+        exiting = bool(exit_interval) and iteration % exit_interval == 0
+        if ckpt.save and ((ckpt.save_interval and iteration % ckpt.save_interval == 0) or exiting
                           or iteration == config.schedule.train_iters):
             save_training_checkpoint(ckpt.save, iteration, state.model, state.optimizer, state.scheduler,
                                      loader.state_dict(), write_extra=model_config_writer)
+        if exiting:
+            logger.info("--exit-interval %d reached at iteration %d", exit_interval, iteration)
+            break
     if writer is not None:
         writer.close()
     return losses

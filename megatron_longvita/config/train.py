@@ -66,6 +66,7 @@ class ScheduleSection:
     train_iters: int = 10
     lr_warmup_fraction: float = 0.03
     lr_decay_style: str = "cosine"
+    exit_interval: Optional[int] = None  # stop (after saving) at a multiple of this; the schedule is unchanged
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, str, type, Optional[str]]] = {
     "--train-iters": _flag("schedule", "train_iters"),
     "--lr-warmup-fraction": _flag("schedule", "lr_warmup_fraction", float),
     "--lr-decay-style": _flag("schedule", "lr_decay_style", str),
+    "--exit-interval": _flag("schedule", "exit_interval"),
     "--save": _flag("checkpoint", "save", str),
     "--load": _flag("checkpoint", "load", str),
     "--save-interval": _flag("checkpoint", "save_interval"),

@@ -81,3 +81,48 @@ def test_stage_recipe_trains(recipe: str, corpus) -> None:
     if recipe.startswith("pp2"):  # stage 0 holds the 2 vision layers: LLM lr, embeddings, layer 0, layer 1
         lr = config.optimizer.lr
         assert sorted(per_rank[0][3]) == pytest.approx(sorted({lr, lr * 0.1 * 0.9 ** 2, lr * 0.1 * 0.9, lr * 0.1}))
+
+
+def _run_driver(config) -> list[float]:
+    from megatron_longvita.train import train
+
+    return train(config)
+
+
+def _final_weights(checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    from megatron_longvita.checkpoint.convert import load_model_config
+    from megatron_longvita.checkpoint.dist import iteration_dir, latest_iteration, load_model
+    from megatron_longvita.models.long_vita import long_vita_provider
+    from megatron_longvita.platform import initialize_distributed
+    from megatron_longvita.training.loop import build_model_chunks
+
+    directory = iteration_dir(checkpoint_dir, latest_iteration(checkpoint_dir))
+    model, dtype = load_model_config(directory)
+    initialize_distributed(ParallelConfig())
+    [chunk] = build_model_chunks(long_vita_provider(model, ParallelConfig(), params_dtype=dtype))
+    load_model([chunk], directory)
+    return {name: value.clone() for name, value in chunk.state_dict().items() if isinstance(value, torch.Tensor)}
+
+
+def test_driver_resume_is_bit_exact(corpus, tmp_path) -> None:
+    """2k iterations straight == k, exit (--exit-interval), resume, k more: identical losses and
+    final weights, so model, optimizer, scheduler, RNG and the data position all come back
+    (fp32, TP=2, distributed optimizer). The straight run also writes tensorboard events."""
+    k = 4
+    config = _stage(corpus, ParallelConfig(tensor_model_parallel_size=2), freeze_vision=False,
+                    freeze_language_model=False)
+    config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, train_iters=2 * k),
+                                 optimizer=dataclasses.replace(config.optimizer, use_distributed_optimizer=True))
+    straight = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, save=str(tmp_path / "a")),
+                                   logging=dataclasses.replace(config.logging, tensorboard_dir=str(tmp_path / "tb")))
+    interrupted = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, save=str(tmp_path / "b")))
+    expected = next(losses for losses in run_distributed(_run_driver, 2, straight, timeout=300) if losses)
+    stopped = dataclasses.replace(interrupted, schedule=dataclasses.replace(interrupted.schedule, exit_interval=k))
+    first = next(losses for losses in run_distributed(_run_driver, 2, stopped, timeout=300) if losses)
+    second = next(losses for losses in run_distributed(_run_driver, 2, interrupted, timeout=300) if losses)
+    assert len(first) == k and first + second == expected
+    [reference] = run_distributed(_final_weights, 1, str(tmp_path / "a"))
+    [resumed] = run_distributed(_final_weights, 1, str(tmp_path / "b"))
+    for name, value in reference.items():
+        assert torch.equal(resumed[name], value), name
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*")), "no tensorboard event file"
