@@ -126,3 +126,39 @@ def test_driver_resume_is_bit_exact(corpus, tmp_path) -> None:
     for name, value in reference.items():
         assert torch.equal(resumed[name], value), name
     assert list((tmp_path / "tb").glob("events.out.tfevents.*")), "no tensorboard event file"
+
+
+def _convert(function_name: str, *args) -> None:
+    from megatron_longvita.checkpoint import convert
+
+    getattr(convert, function_name)(*args)
+
+
+def _initial_weights(config) -> dict[str, torch.Tensor]:
+    """Weights right after the driver's --load (no step taken), gathered from TP ranks by name."""
+    from megatron_longvita.train import _restore
+
+    state, loader, _ = prepare(config)
+    _restore(config, state, loader)
+    return {name: param.detach().clone() for name, param in state.model[0].module.named_parameters()}
+
+
+def test_load_accepts_a_converted_hf_checkpoint(corpus, tmp_path) -> None:
+    """Train, export to HF InternVL (mcore2hf), import it back (hf2mcore), and start a new
+    stage from the imported directory with --load: the weights it starts from are the ones
+    the first run ended with (exact; same TP=1 layout on both sides). The vocabulary's padding
+    rows are not part of an HF checkpoint and come back as zeros: compared up to the real vocab."""
+    config = _stage(corpus, ParallelConfig(), freeze_vision=False, freeze_language_model=False)
+    config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, train_iters=2),
+                                 checkpoint=dataclasses.replace(config.checkpoint, save=str(tmp_path / "run")))
+    run_distributed(_run_driver, 1, config, timeout=300)
+    run_distributed(_convert, 1, "mcore2hf", str(tmp_path / "run" / "iter_0000002"), str(tmp_path / "hf"), "internvl")
+    run_distributed(_convert, 1, "hf2mcore", str(tmp_path / "hf"), str(tmp_path / "imported"), "internvl")
+    [trained] = run_distributed(_final_weights, 1, str(tmp_path / "run"))
+    next_stage = dataclasses.replace(config, checkpoint=dataclasses.replace(
+        config.checkpoint, save=None, load=str(tmp_path / "imported"), finetune=True))
+    [started] = run_distributed(_initial_weights, 1, next_stage)
+    vocab = get_preset("tiny").decoder.vocab_size
+    for name, value in started.items():
+        padded = "word_embeddings" in name or "output_layer" in name
+        assert torch.equal(value[:vocab] if padded else value, trained[name][:vocab] if padded else trained[name]), name
