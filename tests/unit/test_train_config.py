@@ -79,3 +79,12 @@ def test_unknown_yaml_key_is_named(tmp_path: Path) -> None:
     bad.write_text("optimizer: {lr: 1.0e-4, learning_rate: 2}\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: optimizer: unknown key\(s\) \['learning_rate'\]"):
         load_yaml(str(bad))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_7b_variants_validate_at_64_devices(stage: int) -> None:
+    config = load_yaml(str(CONFIGS / f"stage{stage}_7b.yaml"))
+    config.validate(world_size=64)
+    reference = load_yaml(str(CONFIGS / f"stage{stage}_14b.yaml"))
+    assert config.parallel.tensor_model_parallel_size == 4
+    assert (config.data, config.optimizer, config.schedule) == (reference.data, reference.optimizer, reference.schedule)
