@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded main job on a fresh CPU machine, start to finish (~5 minutes on 2 cores):
+# The embedded main job on a fresh CPU machine, start to finish (~2-3 minutes on 2 cores):
 #   1. create .venv and install;
 #   2. generate a synthetic multimodal corpus (coloured shapes with captions and questions,
 #      a few short videos) and a tokenizer trained on it;
