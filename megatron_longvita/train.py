@@ -23,8 +23,8 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig, ParamKey
 
 from megatron_longvita.checkpoint.convert import save_model_config
-from megatron_longvita.checkpoint.dist import (iteration_dir, latest_iteration, load_model,
-                                               load_training_checkpoint, save_training_checkpoint)
+from megatron_longvita.checkpoint.dist import (latest_checkpoint_dir, load_model, load_training_checkpoint,
+                                               save_training_checkpoint)
 from megatron_longvita.config.parallel import ConfigError
 from megatron_longvita.config.train import TrainConfig, parse_args
 from megatron_longvita.data import DataConfig, MediaConfig, build_data_loader
@@ -34,8 +34,8 @@ from megatron_longvita.models.presets import ModelConfig, get_preset
 from megatron_longvita.parallel import split_batch_for_context_parallel
 from megatron_longvita.parallel.attention import packed_seq_params_for_context_parallel
 from megatron_longvita.platform import destroy_distributed, initialize_distributed, setup_platform
-from megatron_longvita.training.loop import (ScheduleConfig, TrainState, build_model_chunks, masked_loss,
-                                             setup_training, train_step)
+from megatron_longvita.training.loop import (ScheduleConfig, TrainState, build_model_chunks, is_logging_rank,
+                                             masked_loss, setup_training, train_step)
 
 logger = logging.getLogger("megatron_longvita.train")
 
@@ -137,29 +137,23 @@ def setup(config: TrainConfig, model: ModelConfig) -> TrainState:
 
 def _restore(config: TrainConfig, state: TrainState, loader) -> int:
     """Resume the run in --save, else start from --load (a run of ours or a converted HF model)."""
-    ckpt = config.checkpoint
-    if ckpt.save and latest_iteration(ckpt.save) is not None:
-        resumed = load_training_checkpoint(ckpt.save, state.model, state.optimizer, state.scheduler)
+    def resume(save_dir: str) -> int:
+        resumed = load_training_checkpoint(save_dir, state.model, state.optimizer, state.scheduler)
         if resumed.data is not None:
             loader.load_state_dict(resumed.data)
         return resumed.iteration
+
+    ckpt = config.checkpoint
+    if ckpt.save and latest_checkpoint_dir(ckpt.save) is not None:
+        return resume(ckpt.save)
     if ckpt.load:
-        iteration = latest_iteration(ckpt.load)
-        source = ckpt.load if iteration is None else iteration_dir(ckpt.load, iteration)
-        if iteration is not None and not ckpt.finetune:
-            resumed = load_training_checkpoint(ckpt.load, state.model, state.optimizer, state.scheduler)
-            if resumed.data is not None:
-                loader.load_state_dict(resumed.data)
-            return resumed.iteration
-        load_model(state.model, source)  # --finetune / converted HF: weights only, fresh optimizer
+        latest = latest_checkpoint_dir(ckpt.load)
+        if latest is not None and not ckpt.finetune:
+            return resume(ckpt.load)
+        source = latest or ckpt.load  # --finetune / converted HF: weights only, fresh optimizer
+        load_model(state.model, source)
         logger.info("loaded weights from %s (fresh optimizer, scheduler and data)", source)
     return 0
-
-
-def _is_logging_rank() -> bool:
-    return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-            and parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0)
 
 
 def prepare(config: TrainConfig) -> tuple[TrainState, object, ModelConfig]:
@@ -185,7 +179,7 @@ def run_iterations(config: TrainConfig, state: TrainState, loader, model: ModelC
         logger.warning("no --save given: this run writes no checkpoints")
     start = _restore(config, state, loader)
     writer = None
-    if config.logging.tensorboard_dir and _is_logging_rank():
+    if config.logging.tensorboard_dir and is_logging_rank():
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(config.logging.tensorboard_dir)
@@ -211,7 +205,7 @@ def run_iterations(config: TrainConfig, state: TrainState, loader, model: ModelC
                             config.data.micro_batch_size)
         if result.loss is not None:
             losses.append(result.loss)
-        if iteration % config.logging.log_interval == 0 and _is_logging_rank():
+        if iteration % config.logging.log_interval == 0 and is_logging_rank():
             elapsed = time.perf_counter() - started
             record = {"iteration": iteration, "loss": round(result.loss, 5),
                       "lr": state.optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm,

@@ -99,6 +99,12 @@ def latest_iteration(save_dir: str) -> Optional[int]:
         return int(handle.read().strip())
 
 
+def latest_checkpoint_dir(save_dir: str) -> Optional[str]:
+    """The directory the tracker marks latest, or None before the first complete save."""
+    iteration = latest_iteration(save_dir)
+    return None if iteration is None else iteration_dir(save_dir, iteration)
+
+
 @dataclass
 class TrainingState:
     """What a training checkpoint restores besides weights and optimizer."""

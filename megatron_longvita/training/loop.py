@@ -94,6 +94,13 @@ def setup_training(chunks: list[MegatronModule], optimizer_config: OptimizerConf
     return TrainState(model, optimizer, config, schedule.build(optimizer, optimizer_config) if schedule else None)
 
 
+def is_logging_rank() -> bool:
+    """The one rank that reports the loss: last pipeline stage, first of its TP, DP and CP groups."""
+    return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0)
+
+
 def masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """Megatron's 3-tuple loss contract: (loss sum, token count, {name: [sum, count]})."""
     loss_sum = (per_token_loss.float() * loss_mask).sum()

@@ -27,7 +27,8 @@ from megatron_longvita.checkpoint.dist import (load_model, load_training_checkpo
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.models.decoder import DecoderConfig, build_decoder
 from megatron_longvita.platform import destroy_distributed, initialize_distributed
-from megatron_longvita.training.loop import ScheduleConfig, build_model_chunks, masked_loss, setup_training, train_step
+from megatron_longvita.training.loop import (ScheduleConfig, build_model_chunks, is_logging_rank, masked_loss,
+                                             setup_training, train_step)
 
 logger = logging.getLogger(__name__)
 
@@ -116,23 +117,12 @@ def train_synthetic(run: SyntheticRun, load_dir: Optional[str] = None, save_dir:
                             len(batches), run.seq_length, run.micro_batch_size)
         if result.loss is not None:
             losses.append(result.loss)
-            first_of_stage = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
-            if log_every and first_of_stage and (step % log_every == 0 or step == 1):
+            if log_every and is_logging_rank() and (step % log_every == 0 or step == 1):
                 logger.info("step %3d  loss %.4f  grad norm %.3f  %.0f ms", step, result.loss,
                             result.grad_norm, 1000 * (time.perf_counter() - started))
         if checkpoint_dir and save_interval and step % save_interval == 0:
             save_training_checkpoint(checkpoint_dir, step, state.model, state.optimizer, state.scheduler, None)
     return losses
-
-
-def final_weights(run: SyntheticRun, checkpoint_dir: str) -> dict[str, torch.Tensor]:
-    """The weights of the latest training checkpoint, gathered at TP=PP=1 on this rank."""
-    initialize_distributed(ParallelConfig(), seed=run.seed)
-    [chunk] = build_tiny_decoder_chunks(SyntheticRun())
-    from megatron_longvita.checkpoint.dist import iteration_dir, latest_iteration
-
-    load_model([chunk], iteration_dir(checkpoint_dir, latest_iteration(checkpoint_dir)))
-    return {name: value.clone() for name, value in chunk.state_dict().items() if isinstance(value, torch.Tensor)}
 
 
 def main() -> None:
@@ -156,7 +146,7 @@ def main() -> None:
     try:
         losses = train_synthetic(run, load_dir=args.load, save_dir=args.save, log_every=5,
                                  checkpoint_dir=args.checkpoint_dir, save_interval=args.save_interval)
-        if losses and parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
+        if losses and is_logging_rank():
             print(json.dumps({"first_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4),
                               "steps": len(losses), "tp": args.tp, "pp": args.pp}), flush=True)
     finally:

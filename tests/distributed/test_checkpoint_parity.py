@@ -16,6 +16,7 @@ from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.platform import initialize_distributed
 from megatron_longvita.training.synthetic import TINY_DECODER, SyntheticRun, build_tiny_decoder_chunks
 from tests.harness import run_distributed
+from tests.weights import tensor_state
 
 TOKENS = torch.randint(0, TINY_DECODER.vocab_size, (2, 24), generator=torch.Generator().manual_seed(7))
 
@@ -28,17 +29,13 @@ def _logits(chunk: torch.nn.Module) -> torch.Tensor:
     return full[..., : TINY_DECODER.vocab_size].float()
 
 
-def _weights(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: value.clone() for name, value in chunk.state_dict().items() if isinstance(value, torch.Tensor)}
-
-
 def initial_checkpoint(save_dir: str, params_dtype: torch.dtype = torch.float32):
     """One rank: save fresh weights; return their logits and tensors."""
     run = SyntheticRun(params_dtype=params_dtype)
     initialize_distributed(run.parallel, seed=run.seed)
     [chunk] = build_tiny_decoder_chunks(run)
     save_model([chunk], save_dir)
-    return _logits(chunk), _weights(chunk)
+    return _logits(chunk), tensor_state(chunk)
 
 
 def load_logits(load_dir: str, parallel: ParallelConfig, params_dtype: torch.dtype = torch.float32):
@@ -59,7 +56,7 @@ def reshard_to_single(load_dir: str, save_dir: str, parallel: ParallelConfig):
     initialize_distributed(ParallelConfig(), seed=run.seed)  # same ranks, now TP=PP=1 (DP=world)
     [single] = build_tiny_decoder_chunks(SyntheticRun())
     load_model([single], save_dir)
-    return _weights(single)
+    return tensor_state(single)
 
 
 def test_tp2_logits_equal_tp1(tmp_path) -> None:

@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from megatron_longvita.config.parallel import ParallelConfig
-from megatron_longvita.training.synthetic import SyntheticRun, final_weights, train_synthetic
+from megatron_longvita.checkpoint.dist import latest_checkpoint_dir, load_model
+from megatron_longvita.platform import initialize_distributed
+from megatron_longvita.training.synthetic import SyntheticRun, build_tiny_decoder_chunks, train_synthetic
 from tests.harness import run_distributed
+from tests.weights import tensor_state
 
 K = 4
 LAYOUTS = {
@@ -19,6 +22,14 @@ LAYOUTS = {
     "tp2": (2, SyntheticRun(ParallelConfig(tensor_model_parallel_size=2), steps=2 * K)),
     "pp2": (2, SyntheticRun(ParallelConfig(pipeline_model_parallel_size=2), steps=2 * K)),
 }
+
+
+def final_weights(run: SyntheticRun, checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """The weights of the latest training checkpoint, gathered at TP=PP=1 on this rank."""
+    initialize_distributed(ParallelConfig(), seed=run.seed)
+    [chunk] = build_tiny_decoder_chunks(SyntheticRun())
+    load_model([chunk], latest_checkpoint_dir(checkpoint_dir))
+    return tensor_state(chunk)
 
 
 def _last_stage_losses(per_rank: list[list[float]]) -> list[float]:

@@ -16,6 +16,7 @@ from megatron_longvita.data.synthetic import make_corpus
 from megatron_longvita.models.presets import get_preset
 from megatron_longvita.train import prepare, run_iterations
 from tests.harness import run_distributed
+from tests.weights import tensor_state
 
 TINY_YAML = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny_stage1.yaml"
 
@@ -91,17 +92,17 @@ def _run_driver(config) -> list[float]:
 
 def _final_weights(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     from megatron_longvita.checkpoint.convert import load_model_config
-    from megatron_longvita.checkpoint.dist import iteration_dir, latest_iteration, load_model
+    from megatron_longvita.checkpoint.dist import latest_checkpoint_dir, load_model
     from megatron_longvita.models.long_vita import long_vita_provider
     from megatron_longvita.platform import initialize_distributed
     from megatron_longvita.training.loop import build_model_chunks
 
-    directory = iteration_dir(checkpoint_dir, latest_iteration(checkpoint_dir))
+    directory = latest_checkpoint_dir(checkpoint_dir)
     model, dtype = load_model_config(directory)
     initialize_distributed(ParallelConfig())
     [chunk] = build_model_chunks(long_vita_provider(model, ParallelConfig(), params_dtype=dtype))
     load_model([chunk], directory)
-    return {name: value.clone() for name, value in chunk.state_dict().items() if isinstance(value, torch.Tensor)}
+    return tensor_state(chunk)
 
 
 def test_driver_resume_is_bit_exact(corpus, tmp_path) -> None:
