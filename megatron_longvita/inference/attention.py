@@ -21,8 +21,6 @@ from megatron_longvita.inference.cache import KVCache
 from megatron_longvita.models.specs import DECODER_LAYER_SPECS, local_ring_decoder_layer_spec
 from megatron_longvita.parallel.attention import RingDotProductAttention
 from megatron_longvita.parallel.decode import attend_cached, merge_over_group
-from megatron_longvita.parallel.kernels import BLOCK_KERNELS
-from megatron_longvita.platform import setup_platform
 
 CACHED_LAYER_SPEC = "local_ring_cached"
 
@@ -31,7 +29,6 @@ class CachedRingAttention(RingDotProductAttention):
     def __init__(self, config: TransformerConfig, layer_number: int, *args, **kwargs) -> None:
         super().__init__(config, layer_number, *args, **kwargs)
         self.layer_index = layer_number - 1  # global layer number; the engine runs without PP
-        self.kernel = BLOCK_KERNELS.get(setup_platform().attention_kernel)
         self.cache: Optional[KVCache] = None
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
@@ -50,7 +47,7 @@ class CachedRingAttention(RingDotProductAttention):
             cache.append(self.layer_index, key, value)
         kv = cache.layers[self.layer_index]
         out, lse = attend_cached(query.permute(1, 2, 0, 3), kv.key, kv.value, cache.attended_lengths(),
-                                 self.kernel, self.softmax_scale)
+                                 self.softmax_scale)
         out = merge_over_group(out, lse, self.cp_group)  # [b, hq, 1, d]
         return out.to(query.dtype).permute(2, 0, 1, 3).flatten(2)
 

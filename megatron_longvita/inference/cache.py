@@ -49,8 +49,12 @@ class KVCache:
         """Store the new token's K/V [1, b, hkv, d] at each row's next free slot."""
         if max(self.lengths) >= self.capacity:
             raise ValueError(f"KV cache full ({self.capacity} slots): allocate for max_new_tokens")
-        kv, rows = self.layers[layer], torch.arange(key.shape[1], device=key.device)
-        slots = torch.tensor(self.lengths, device=key.device)
+        kv = self.layers[layer]
+        if len(set(self.lengths)) == 1:  # one prompt, or rows level here: a plain slice copy
+            kv.key[:, :, self.lengths[0]] = key[0]
+            kv.value[:, :, self.lengths[0]] = value[0]
+            return
+        rows, slots = torch.arange(key.shape[1], device=key.device), torch.tensor(self.lengths, device=key.device)
         kv.key[rows, :, slots] = key[0]
         kv.value[rows, :, slots] = value[0]
 

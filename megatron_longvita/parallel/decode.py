@@ -1,40 +1,74 @@
 """Decoding against a KV cache sharded over the context-parallel ranks.
 
 Each CP rank holds some of a sequence's cached (already rotated) keys and values. A new
-token's query attends to this rank's shard with a ring block kernel, which returns the
-log-sum-exp with the output; the partial results are then merged across the CP group by
-the same online-softmax rule as the ring (one all-gather of [out, lse] per layer). The
-per-token cost is O(N / CP) attention plus one collective of b x heads x (d + 1) floats.
+token's query attends to this rank's shard, which yields the log-sum-exp with the output;
+the partial results are then merged across the CP group by the same online-softmax rule
+as the ring (one all-gather of [out, lse] per layer). The per-token cost is O(N / CP)
+attention plus one collective of b x heads x (d + 1) floats.
+
+One query row is a matrix-vector product, so it is computed as two grouped matmuls (GQA
+without repeating K/V) rather than through a ring block kernel: ATen's CPU flash kernel,
+made for query blocks, took 2.7-10x longer on one row (4K-64K keys, fp32, one thread).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import os
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_longvita.parallel.kernels import BlockKernel, Segment
+from megatron_longvita.parallel.kernels import lse_dtype
 from megatron_longvita.parallel.ring import _merge
 
 
-def attend_cached(query: Tensor, key: Tensor, value: Tensor, lengths: Sequence[int], kernel: BlockKernel,
+def attend_cached(query: Tensor, key: Tensor, value: Tensor, lengths: Sequence[int],
                   scale: float) -> tuple[Tensor, Tensor]:
     """One query per row against the first ``lengths[i]`` cached keys of row i.
 
-    query [b, hq, 1, d]; key/value [b, hkv, capacity, d]. Returns (out [b, hq, 1, d] in the
-    log-sum-exp dtype, lse [b, hq, 1]); a row with no cached key here has out 0, lse -inf.
+    query [b, hq, 1, d]; key/value [b, hkv, capacity, d]. Returns (out [b, hq, 1, d], lse
+    [b, hq, 1]), both in the log-sum-exp dtype (float32, float64 for float64 inputs); a row
+    with no cached key here has out 0 and lse -inf, which the merge ignores.
     """
-    def attend(rows: slice, length: int) -> tuple[Tensor, Tensor]:
-        segments = (Segment(0, 1, 0, length),) if length else ()
-        out, lse = kernel.forward(query[rows], key[rows], value[rows], segments, False, scale)
-        return out.to(lse.dtype), lse
+    dtype, longest, shortest = lse_dtype(query.dtype), max(lengths), min(lengths)
+    batch, query_heads, _, dim = query.shape
+    keys, values = key[:, :, :longest], value[:, :, :longest]
+    grouped_query = query.reshape(batch, key.shape[1], query_heads // key.shape[1], dim).to(dtype) * scale
+    scores = torch.matmul(grouped_query, keys.transpose(-1, -2).to(dtype))  # [b, hkv, g, longest]
+    if shortest < longest:  # rows of a batch hold different numbers of slots on this rank
+        valid = torch.arange(longest, device=query.device) < torch.tensor(lengths, device=query.device)[:, None]
+        scores = scores.masked_fill(~valid[:, None, None, :], -math.inf)
+        values = values.masked_fill(~valid[:, None, :, None], 0.0)  # unwritten slots may hold NaN: 0 * NaN
+    lse = scores.logsumexp(-1, keepdim=True)
+    # a row with no slot has lse -inf: shift it by 0 instead, so its probabilities are 0, not NaN
+    probs = torch.exp(scores - (lse.masked_fill(lse == -math.inf, 0.0) if shortest == 0 else lse))
+    out = torch.matmul(probs, values.to(dtype))
+    return out.view(batch, query_heads, 1, dim), lse.view(batch, query_heads, 1)
 
-    if len(set(lengths)) == 1:  # the common case (one prompt, or equal lengths): one kernel call
-        return attend(slice(None), lengths[0])
-    outs, lses = zip(*(attend(slice(i, i + 1), length) for i, length in enumerate(lengths)))
-    return torch.cat(outs), torch.cat(lses)
+
+@functools.cache
+def _polling_pays() -> bool:
+    """Whether to wait for gloo collectives by polling rather than sleeping.
+
+    gloo's blocking wait parks the thread, and waking it again cost 0.5-1 ms per all-gather
+    on a 2-core CPU host (0.98 ms after an idle millisecond vs 0.24 ms back to back), as
+    much as a whole decode step of a small model: polling took CP=2 decoding there from
+    3.9 to 2.9 ms/token. A polling rank keeps its core, so it pays only while this host's
+    ranks have a core per thread (CP=4 on 2 cores went from 9.5 to 11.3 ms/token).
+    """
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return ranks_here * torch.get_num_threads() <= len(os.sched_getaffinity(0))
+
+
+def _wait(work: dist.Work, group: dist.ProcessGroup) -> None:
+    if dist.get_backend(group) == dist.Backend.GLOO and _polling_pays():
+        while not work.is_completed():
+            os.sched_yield()  # hands the core to a gloo thread or rank that has work
+    work.wait()  # raises the collective's error, if any
 
 
 def merge_over_group(out: Tensor, lse: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
@@ -45,7 +79,7 @@ def merge_over_group(out: Tensor, lse: Tensor, group: Optional[dist.ProcessGroup
         return out
     packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1).contiguous()
     parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, packed, group=group)
+    _wait(dist.all_gather(parts, packed, group=group, async_op=True), group)
     out, lse = parts[0][..., :-1], parts[0][..., -1]
     for part in parts[1:]:
         out, lse = _merge(out, lse, part[..., :-1], part[..., -1])

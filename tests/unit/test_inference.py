@@ -10,7 +10,6 @@ import torch
 
 from megatron_longvita.inference import KVCache, RopeScaling, Sampler, SamplingConfig
 from megatron_longvita.parallel.decode import attend_cached
-from megatron_longvita.parallel.kernels import BLOCK_KERNELS
 
 
 def test_greedy_top_k_1_and_tiny_top_p_pick_the_argmax() -> None:
@@ -60,19 +59,33 @@ def test_ntk_keeps_the_highest_frequency_and_divides_the_lowest_by_the_factor() 
     assert ntk[0] == plain[0] and ntk[-1].item() == pytest.approx(plain[-1].item() / 8.0, rel=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["cpu_flash", "math"])
-def test_attend_cached_rows_see_only_their_valid_slots(kernel: str) -> None:
+@pytest.mark.parametrize("lengths", [[10, 3, 0], [6, 6, 6]], ids=["ragged", "equal"])
+def test_attend_cached_rows_see_only_their_valid_slots(lengths: list[int]) -> None:
+    """Against naive softmax attention over each row's first ``lengths[i]`` slots (fp32, tol 1e-5)."""
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(3, 4, 1, 8, generator=generator)
     k, v = (torch.randn(3, 2, 10, 8, generator=generator) for _ in range(2))
-    lengths = [10, 3, 0]
-    out, lse = attend_cached(q, k, v, lengths, BLOCK_KERNELS.get(kernel), 0.5)
-    for row, n in enumerate(lengths[:2]):
+    for row, n in enumerate(lengths):  # slots past a row's length are never written: anything may be there
+        k[row, :, n:], v[row, :, n:] = torch.nan, torch.inf
+    out, lse = attend_cached(q, k, v, lengths, 0.5)
+    assert out.shape == (3, 4, 1, 8) and lse.shape == (3, 4, 1)
+    for row, n in enumerate(lengths):
+        if n == 0:  # nothing cached for that row here
+            assert (out[row] == 0).all() and (lse[row] == -math.inf).all()
+            continue
         keys, values = (t[row, :, :n].repeat_interleave(2, dim=0) for t in (k, v))  # GQA: 2 query heads per group
         scores = (q[row] @ keys.transpose(-1, -2))[:, 0] * 0.5  # [heads, n]
         torch.testing.assert_close(out[row, :, 0], (scores.softmax(-1)[:, None] @ values)[:, 0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse[row, :, 0], scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
-    assert (out[2] == 0).all() and (lse[2] == -math.inf).all()  # nothing cached for that row here
+
+
+def test_kv_cache_appends_level_rows_at_their_common_slot() -> None:
+    cache = KVCache(capacity=4, lengths=[2, 2])
+    key = torch.arange(3 * 2 * 1 * 1, dtype=torch.float32).view(3, 2, 1, 1)  # [s, b, h, d]: 3 local, 2 real
+    cache.store_prefill(0, key, key)
+    cache.decoding, cache.appending = True, True
+    cache.append(0, torch.tensor([[[[-1.0]], [[-2.0]]]]), torch.zeros(1, 2, 1, 1))
+    assert cache.layers[0].key[:, 0, :3, 0].tolist() == [[0, 2, -1], [1, 3, -2]]  # the pad slot is overwritten
 
 
 def test_kv_cache_prefill_append_and_capacity() -> None:
@@ -88,3 +101,15 @@ def test_kv_cache_prefill_append_and_capacity() -> None:
     assert stored[0].tolist() == [0, 2, 4, 6, -1] and stored[1, :3].tolist() == [1, 3, -1]  # row 1 overwrites a pad
     with pytest.raises(ValueError, match="cache full"):
         cache.append(0, new, new)
+
+
+@pytest.mark.parametrize("local_ranks, polls", [("1", True), ("4096", False)])
+def test_decode_polls_gloo_only_while_ranks_have_a_core_per_thread(monkeypatch, local_ranks: str, polls: bool) -> None:
+    from megatron_longvita.parallel import decode
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    decode._polling_pays.cache_clear()
+    try:
+        assert decode._polling_pays() is polls
+    finally:
+        decode._polling_pays.cache_clear()
