@@ -20,6 +20,7 @@ position -> output layer); prefill is the ordinary model forward.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -74,12 +75,15 @@ class Generation:
 @dataclass
 class Timing:
     prefill_s: float = 0.0  # the first forward (the only full one in cached mode)
-    decode_s: float = 0.0  # every later forward
-    decode_steps: int = 0
+    step_s: list[float] = field(default_factory=list)  # every later forward, in order
 
     @property
     def per_token_s(self) -> float:
-        return self.decode_s / max(self.decode_steps, 1)
+        return statistics.fmean(self.step_s) if self.step_s else 0.0
+
+    @property
+    def median_token_s(self) -> float:  # robust to a busy host's stalls
+        return statistics.median(self.step_s) if self.step_s else 0.0
 
 
 def load_for_inference(load_dir: str, parallel: ParallelConfig, **options) -> tuple[list[MegatronModule], int]:
@@ -135,7 +139,7 @@ class InferenceEngine:
         decoding = (self._cached_decoding if config.decode_mode == "cached" else self._fixed_length_decoding)
         self.timing = Timing()
         generated: list[list[int]] = [[] for _ in prompts]
-        with torch.no_grad():
+        with torch.inference_mode():
             try:
                 start = time.perf_counter()
                 logits, step = decoding(prompts, config)
@@ -153,8 +157,7 @@ class InferenceEngine:
                         break
                     start = time.perf_counter()
                     logits = step(ids, t)
-                    self.timing.decode_s += time.perf_counter() - start
-                    self.timing.decode_steps += 1
+                    self.timing.step_s.append(time.perf_counter() - start)
             finally:
                 bind_cache(self.attention, None)
         return [Generation(row, first_logits[i].cpu()) for i, row in enumerate(generated)]
