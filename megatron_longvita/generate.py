@@ -53,9 +53,10 @@ __all__ = ["greedy_generate", "last_position_logits", "load_for_inference", "mai
 
 def last_position_logits(chunks: list[MegatronModule], input_ids: torch.Tensor,
                          pixel_values: Optional[torch.Tensor], vocab_size: int) -> torch.Tensor:
-    """Logits [vocab] at the last position of one sequence [1, s], identical on every rank."""
-    seq_length = input_ids.shape[1]
-    batch = {"tokens": input_ids, "position_ids": torch.arange(seq_length).unsqueeze(0), "pixel_values": pixel_values}
+    """Logits [vocab] (on the CPU) at the last position of one sequence [1, s], identical on every rank."""
+    seq_length, device = input_ids.shape[1], next(chunks[0].parameters()).device
+    batch = {"tokens": input_ids.to(device), "position_ids": torch.arange(seq_length, device=device).unsqueeze(0),
+             "pixel_values": None if pixel_values is None else pixel_values.to(device)}
 
     def forward_step(data_iterator, model):
         data = next(data_iterator)
@@ -65,13 +66,13 @@ def last_position_logits(chunks: list[MegatronModule], input_ids: torch.Tensor,
         outputs = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]),
                                               model=chunks, num_microbatches=1, seq_length=seq_length,
                                               micro_batch_size=1, forward_only=True)
-    logits = torch.empty(vocab_size, dtype=torch.float32)
+    logits = torch.empty(vocab_size, dtype=torch.float32, device=device)
     if parallel_state.is_pipeline_last_stage():
         logits = gather_logits(outputs[0][0, -1], vocab_size).float()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(logits, parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
-    return logits
+    return logits.cpu()
 
 
 def greedy_generate(chunks: list[MegatronModule], input_ids: list[int], pixel_values: Optional[torch.Tensor],

@@ -33,6 +33,10 @@ class Platform:
     def device(self, local_rank: int = 0) -> torch.device:
         return torch.device("cpu") if self.name == "cpu" else torch.device(self.device_type, local_rank)
 
+    def local_device(self) -> torch.device:
+        """This process's device under torchrun (LOCAL_RANK), as initialize_distributed sets it."""
+        return self.device(int(os.environ.get("LOCAL_RANK", "0")))
+
 
 def _npu_available() -> bool:
     if importlib.util.find_spec("torch_npu") is None:

@@ -28,11 +28,10 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_m
         for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
                 raise RuntimeError(f"{var} is not set: launch with torchrun (or set the env:// variables)")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if platform.name == "cuda":
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(platform.local_device())
         elif platform.name == "npu":
-            torch.npu.set_device(local_rank)
+            torch.npu.set_device(platform.local_device())
         dist.init_process_group(platform.backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     parallel.validate(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():

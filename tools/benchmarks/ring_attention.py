@@ -76,7 +76,7 @@ def _rank_benchmark(seq_length: int, heads: int, kv_heads: int, head_dim: int, i
 
     platform = setup_platform()
     world = int(os.environ["WORLD_SIZE"])
-    device = platform.device(int(os.environ["LOCAL_RANK"]))
+    device = platform.local_device()
     group = None
     if world > 1:
         dist.init_process_group(platform.backend)
