@@ -28,6 +28,7 @@ from megatron_longvita.checkpoint.dist import (latest_checkpoint_dir, load_model
 from megatron_longvita.config.parallel import ConfigError
 from megatron_longvita.config.train import TrainConfig, parse_args
 from megatron_longvita.data import DataConfig, MediaConfig, build_data_loader
+from megatron_longvita.data.distribute import BroadcastLoader
 from megatron_longvita.models.heads import HeadConfig
 from megatron_longvita.models.long_vita import MODEL_PROVIDERS
 from megatron_longvita.models.presets import ModelConfig, get_preset
@@ -98,17 +99,23 @@ def make_forward_step(config: TrainConfig):
     return forward_step
 
 
-def build_loader(config: TrainConfig, model: ModelConfig):
+def build_loader(config: TrainConfig, model: ModelConfig) -> BroadcastLoader:
+    """This rank's micro-batches, on its device: loaded by the first rank of its TP x CP group
+    and broadcast to the others."""
     data = config.data
     if not data.mixture or not data.tokenizer:
         raise ConfigError("set the data mixture (data.mixture / --data-path) and the tokenizer "
                           "(data.tokenizer / --tokenizer-model)")
-    media = MediaConfig.from_model_config(model, max_tiles=data.max_tiles, max_num_frames=data.max_num_frames)
-    return build_data_loader(DataConfig(
-        mixture=data.mixture, tokenizer_dir=data.tokenizer, seq_length=data.seq_length, packing=data.packing,
-        micro_batch_size=data.micro_batch_size, seed=config.seed, dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=parallel_state.get_data_parallel_world_size(), num_workers=data.num_workers, strict=data.strict,
-        media_root=data.media_root, media=media))
+    group = parallel_state.get_tensor_and_context_parallel_group()
+    loader = None
+    if parallel_state.get_tensor_and_context_parallel_rank() == 0:
+        media = MediaConfig.from_model_config(model, max_tiles=data.max_tiles, max_num_frames=data.max_num_frames)
+        loader = build_data_loader(DataConfig(
+            mixture=data.mixture, tokenizer_dir=data.tokenizer, seq_length=data.seq_length, packing=data.packing,
+            micro_batch_size=data.micro_batch_size, seed=config.seed,
+            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+            num_workers=data.num_workers, strict=data.strict, media_root=data.media_root, media=media))
+    return BroadcastLoader(loader, group, setup_platform().local_device())
 
 
 def setup(config: TrainConfig, model: ModelConfig) -> TrainState:
