@@ -9,6 +9,9 @@ attention plus one collective of b x heads x (d + 1) floats.
 One query row is a matrix-vector product, so it is computed as two grouped matmuls (GQA
 without repeating K/V) rather than through a ring block kernel: ATen's CPU flash kernel,
 made for query blocks, took 2.7-10x longer on one row (4K-64K keys, fp32, one thread).
+Scores and softmax are float32, as in the flash kernels; for a bf16/fp16 cache that means a
+float32 copy of the attended K/V per step, which a fused flash-decoding kernel would avoid
+on accelerators (not measured: no GPU/NPU run yet).
 """
 
 from __future__ import annotations
