@@ -106,16 +106,14 @@ def build_loader(config: TrainConfig, model: ModelConfig) -> BroadcastLoader:
     if not data.mixture or not data.tokenizer:
         raise ConfigError("set the data mixture (data.mixture / --data-path) and the tokenizer "
                           "(data.tokenizer / --tokenizer-model)")
-    group = parallel_state.get_tensor_and_context_parallel_group()
-    loader = None
-    if parallel_state.get_tensor_and_context_parallel_rank() == 0:
-        media = MediaConfig.from_model_config(model, max_tiles=data.max_tiles, max_num_frames=data.max_num_frames)
-        loader = build_data_loader(DataConfig(
-            mixture=data.mixture, tokenizer_dir=data.tokenizer, seq_length=data.seq_length, packing=data.packing,
-            micro_batch_size=data.micro_batch_size, seed=config.seed,
-            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
-            num_workers=data.num_workers, strict=data.strict, media_root=data.media_root, media=media))
-    return BroadcastLoader(loader, group, setup_platform().local_device())
+    media = MediaConfig.from_model_config(model, max_tiles=data.max_tiles, max_num_frames=data.max_num_frames)
+    data_config = DataConfig(
+        mixture=data.mixture, tokenizer_dir=data.tokenizer, seq_length=data.seq_length, packing=data.packing,
+        micro_batch_size=data.micro_batch_size, seed=config.seed, dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(), num_workers=data.num_workers, strict=data.strict,
+        media_root=data.media_root, media=media)
+    return BroadcastLoader(functools.partial(build_data_loader, data_config),
+                           parallel_state.get_tensor_and_context_parallel_group(), setup_platform().local_device())
 
 
 def setup(config: TrainConfig, model: ModelConfig) -> TrainState:

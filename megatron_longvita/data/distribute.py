@@ -14,7 +14,7 @@ every broadcast has its partners; an exhausted source sends an end marker.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,16 +36,13 @@ def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, An
 
 class BroadcastLoader:
     """The loader interface (iteration, ``state_dict``, ``load_state_dict``) on every rank of
-    ``group``; ``loader`` is given on the group's first rank only. Batches come out on
+    ``group``; ``build_loader`` runs on the group's first rank only. Batches come out on
     ``device``. The data state lives on the source rank (None elsewhere)."""
 
-    def __init__(self, loader: Optional[Any], group: dist.ProcessGroup, device: torch.device) -> None:
+    def __init__(self, build_loader: Callable[[], Any], group: dist.ProcessGroup, device: torch.device) -> None:
         self.group, self.device = group, device
         self.size, self.source = dist.get_world_size(group), dist.get_global_rank(group, 0)
-        if (dist.get_rank() == self.source) != (loader is not None):
-            raise ValueError(f"rank {dist.get_rank()}: the loader belongs to the group's first rank "
-                             f"(global rank {self.source}) and only there")
-        self.loader = loader
+        self.loader = build_loader() if dist.get_rank() == self.source else None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self._send() if self.loader is not None else self._receive()
