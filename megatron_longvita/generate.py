@@ -32,7 +32,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_longvita.checkpoint.convert import load_model_config
+from megatron_longvita.checkpoint.model_config import load_model_config
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.inference import (
     DECODE_MODES,
@@ -144,7 +144,7 @@ def build_prompt(args: argparse.Namespace):
         return Prompt(ids, pixel_values), None
     from megatron_longvita.data import ChatTokenizer, MediaConfig
     from megatron_longvita.data.prompt import build_inference_prompt
-    from megatron_longvita.data.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+    from megatron_longvita.config.tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
     tokenizer = ChatTokenizer.from_dir(args.tokenizer)
     model_config, _ = load_model_config(args.load)

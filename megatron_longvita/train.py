@@ -22,7 +22,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig, ParamKey
 
-from megatron_longvita.checkpoint.convert import save_model_config
+from megatron_longvita.checkpoint.model_config import save_model_config
 from megatron_longvita.checkpoint.dist import (latest_checkpoint_dir, load_model, load_training_checkpoint,
                                                save_training_checkpoint)
 from megatron_longvita.config.parallel import ConfigError

@@ -11,8 +11,6 @@ loads at any TP/PP. mcore2hf loads any checkpoint at TP=1, PP=1 and maps back.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import socket
 from typing import Any, Optional
@@ -24,6 +22,7 @@ from tqdm import tqdm
 from megatron_longvita.checkpoint.dist import load_model, save_model
 from megatron_longvita.checkpoint.hf import HFCheckpoint, save_hf_checkpoint
 from megatron_longvita.checkpoint.mapping import mappings
+from megatron_longvita.checkpoint.model_config import load_model_config, save_model_config
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.models.decoder import DecoderConfig
 from megatron_longvita.models.long_vita import LongVitaModel, build_long_vita
@@ -32,8 +31,6 @@ from megatron_longvita.models.projector import ProjectorConfig
 from megatron_longvita.models.vision import VisionConfig
 from megatron_longvita.platform import initialize_distributed
 
-# Written next to the torch_dist files: what to build before loading them.
-CONFIG_FILE = "longvita_config.json"
 MODEL_TYPES = {"internvl": "internvl", "long_vita": "longvita", "qwen2": "qwen2", "intern_vit_6b": "internvit"}
 
 
@@ -208,21 +205,6 @@ def _build_unsharded(config: ModelConfig, dtype: torch.dtype) -> LongVitaModel:
     # Local specs: the table uses their names, and torch_dist keys are the TE ones either way.
     return build_long_vita(config, ParallelConfig(), params_dtype=dtype, layer_spec="local",
                            vision_layer_spec="local")
-
-
-def save_model_config(directory: str, config: ModelConfig, dtype: torch.dtype) -> None:
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump({"model": dataclasses.asdict(config), "params_dtype": str(dtype).removeprefix("torch.")}, f,
-                  indent=2)
-
-
-def load_model_config(directory: str) -> tuple[ModelConfig, torch.dtype]:
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}: not a checkpoint written by hf2mcore")
-    with open(path) as f:
-        data = json.load(f)
-    return ModelConfig.from_dict(data["model"]), getattr(torch, data["params_dtype"])
 
 
 def hf2mcore(hf_dir: str, save_dir: str, fmt: Optional[str] = None, vision_hf_dir: Optional[str] = None,

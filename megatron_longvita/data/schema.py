@@ -7,12 +7,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from megatron_longvita.config.tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from megatron_longvita.registry import Registry
 
 from .skips import BadSampleError, SkipReason
 
-IMAGE_PLACEHOLDER = "<image>"
-VIDEO_PLACEHOLDER = "<video>"
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 

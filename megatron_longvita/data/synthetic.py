@@ -18,11 +18,10 @@ import yaml
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from megatron_longvita.data.template import SPECIAL_TOKENS
+from megatron_longvita.config.tokens import CHATML_TOKENS, PAD_TOKEN, SPECIAL_TOKENS
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
-CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QUESTIONS = ("What is in the image?", "Describe the picture.", "What shape and colour do you see?")
 
 
@@ -79,7 +78,7 @@ def train_tokenizer(texts: list[str], directory: str, image_token_id: int) -> st
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=base_vocab, special_tokens=CHATML_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=base_vocab, special_tokens=[PAD_TOKEN, *CHATML_TOKENS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if tokenizer.get_vocab_size() != base_vocab:
         raise ValueError(f"the corpus text yields {tokenizer.get_vocab_size()} BPE tokens, not {base_vocab}: "
                          "add text or lower image_token_id")

@@ -10,20 +10,12 @@ from typing import Sequence
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
 
+from megatron_longvita.config.tokens import CHATML_TOKENS, IMAGE_PLACEHOLDER, PAD_TOKEN, SPECIAL_TOKENS, VIDEO_PLACEHOLDER
+
 from .config import MediaConfig
 from .media import FrameDirectoryItem, ImageItem, MediaItem, VideoFileItem
-from .schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Message
+from .schema import Message
 
-# Order fixes their ids on the stock Qwen2.5 tokenizer: released checkpoints depend on it.
-SPECIAL_TOKENS = (
-    "<img>", "</img>", "<IMG_CONTEXT>",
-    "<vid>", "</vid>", "<VID_CONTEXT>",
-    "<patch>", "</patch>", "<PATCH_CONTEXT>",
-    "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
-    IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER,
-)  # fmt: skip
-CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-PAD_TOKEN = "<|endoftext|>"
 _PLACEHOLDER_PATTERN = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 
 

@@ -30,7 +30,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
-from megatron_longvita.checkpoint.convert import load_model_config
+from megatron_longvita.checkpoint.model_config import load_model_config
 from megatron_longvita.checkpoint.dist import load_model
 from megatron_longvita.config.parallel import ConfigError, ParallelConfig
 from megatron_longvita.inference.attention import CACHED_LAYER_SPEC, CachedRingAttention, bind_cache

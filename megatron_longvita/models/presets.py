@@ -6,15 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_longvita.config.parallel import ConfigError
-from megatron_longvita.data.template import SPECIAL_TOKENS
+from megatron_longvita.config.tokens import CONTEXT_TOKENS, SPECIAL_TOKENS
 from megatron_longvita.models.decoder import DecoderConfig
 from megatron_longvita.models.projector import ProjectorConfig
 from megatron_longvita.models.vision import VisionConfig
 from megatron_longvita.registry import Registry
-
-# <IMG_CONTEXT>, <PATCH_CONTEXT>, <VID_CONTEXT> sit at fixed offsets from each other (SPEC 3).
-_CONTEXT_TOKENS = ("<IMG_CONTEXT>", "<PATCH_CONTEXT>", "<VID_CONTEXT>")
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -64,7 +60,7 @@ class ModelConfig:
     def context_token_ids(self) -> tuple[int, ...]:
         """Placeholder ids the vision embeddings replace: image, patch and video context."""
         base = SPECIAL_TOKENS.index("<IMG_CONTEXT>")
-        return tuple(self.image_token_id + SPECIAL_TOKENS.index(token) - base for token in _CONTEXT_TOKENS)
+        return tuple(self.image_token_id + SPECIAL_TOKENS.index(token) - base for token in CONTEXT_TOKENS)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":

@@ -26,7 +26,7 @@ def convert(*commands: list[str]) -> None:
 
 def reshard(load_dir: str, save_dir: str, parallel: ParallelConfig) -> None:
     """Load the converted checkpoint at `parallel` and save it again from there."""
-    from megatron_longvita.checkpoint.convert import load_model_config, save_model_config
+    from megatron_longvita.checkpoint.model_config import load_model_config, save_model_config
     from megatron_longvita.checkpoint.dist import save_model
     from megatron_longvita.generate import load_for_inference
 

@@ -91,7 +91,7 @@ def _run_driver(config) -> list[float]:
 
 
 def _final_weights(checkpoint_dir: str) -> dict[str, torch.Tensor]:
-    from megatron_longvita.checkpoint.convert import load_model_config
+    from megatron_longvita.checkpoint.model_config import load_model_config
     from megatron_longvita.checkpoint.dist import latest_checkpoint_dir, load_model
     from megatron_longvita.models.long_vita import long_vita_provider
     from megatron_longvita.platform import initialize_distributed
