@@ -23,9 +23,12 @@ setup(
         "psutil",  # dist_checkpointing's writer imports it at save time; without it the save hangs
         "tqdm",
         "tensorboard",  # train.py --tensorboard-dir
+        "fastapi",  # serve.py: the HTTP server
+        "uvicorn",
+        "prometheus_client",  # serve.py: /metrics
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers>=4.52"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.52", "openai"],
         "gpu": ["transformer-engine[pytorch]"],
     },
 )

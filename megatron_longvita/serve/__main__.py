@@ -1,0 +1,3 @@
+from megatron_longvita.serve.cli import main
+
+main()

@@ -1,0 +1,160 @@
+"""The request queue and batcher, and each request's output as tokens arrive (rank 0 only).
+
+HTTP handlers (asyncio thread) submit :class:`Job` s; the engine loop (main thread) takes a
+batch at each batch boundary: the oldest waiting job and every later one that can share its
+sampler (same temperature / top-k / top-p and EOS handling; a job with an explicit seed runs
+alone, so that its draws do not depend on its neighbours), up to ``max_batch_size``. The batch
+runs to its longest ``max_tokens``; a row that is done (its own limit, a stop string, a
+cancelled or disconnected client) stops being reported, and the batch ends once every row is.
+Events go back to the handler's event loop through ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from megatron_longvita.inference import Prompt
+from megatron_longvita.serve.protocol import Sampling
+
+
+@dataclass
+class Event:
+    kind: str  # "text" (a delta), "done", "error"
+    text: str = ""
+    finish_reason: Optional[str] = None  # "stop" | "length", with "done"
+    status: int = 200  # with "error"
+
+
+class Job:
+    """One request's generation; token handling runs on the engine thread."""
+
+    def __init__(self, prompt: Prompt, max_tokens: int, sampling: Sampling, stop: tuple[str, ...], ignore_eos: bool,
+                 decode: Callable[[list[int]], str], eos_id: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.prompt, self.max_tokens, self.sampling, self.stop = prompt, max_tokens, sampling, stop
+        self.ignore_eos, self.decode, self.eos_id = ignore_eos, decode, eos_id
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far (stop strings cut)
+        self.sent = 0  # characters of text already sent
+        self.finish_reason: Optional[str] = None
+        self.stop_cut = False  # the text ends at a stop string
+        self.cancelled = False  # set from the asyncio thread; read by the engine thread
+        self.submitted = time.monotonic()
+        self.first_token_s: Optional[float] = None
+        self.settled = False  # accounted for by the HTTP side
+
+    @property
+    def batch_key(self) -> tuple:
+        s = self.sampling
+        if s.temperature == 0:  # greedy: the sampler's other settings do not matter
+            return ("greedy", self.ignore_eos)
+        if s.seed is not None:  # runs alone
+            return ("seeded", id(self))
+        return (s.temperature, s.top_k, s.top_p, self.ignore_eos)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.cancelled
+
+    def _emit(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def feed(self, token: Optional[int]) -> None:
+        """The engine's next id for this row (None: the engine stopped the row at EOS)."""
+        if self.done:
+            return
+        if token is None:
+            self.finish_reason = "stop"
+            return
+        if self.first_token_s is None:
+            self.first_token_s = time.monotonic() - self.submitted
+        self.ids.append(token)
+        if token == self.eos_id and not self.ignore_eos:
+            self.finish_reason = "stop"
+            return
+        text = self._decoded()
+        cut = min((i for i in (text.find(s, max(self.sent - len(s), 0)) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, self.finish_reason, self.stop_cut = text[:cut], "stop", True
+        elif len(self.ids) >= self.max_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is None and text.endswith("\ufffd"):
+            text = self.text  # the rest of a multi-byte character may still come
+        self.text = text
+        self._send_text(final=self.finish_reason is not None)
+
+    def _decoded(self) -> str:
+        return self.decode([t for t in self.ids if t != self.eos_id])
+
+    def _send_text(self, final: bool) -> None:
+        # hold back a tail that may still grow into a stop string
+        held = 0 if final else max((k for s in self.stop for k in range(len(s) - 1, 0, -1)
+                                    if self.text.endswith(s[:k])), default=0)
+        end = len(self.text) - held
+        if end > self.sent:
+            self._emit(Event("text", self.text[self.sent:end]))
+            self.sent = end
+
+    def finish(self) -> None:
+        """After the batch: the rest of the text and the finish reason (unless cancelled)."""
+        if self.cancelled or self.finish_reason == "error":
+            return
+        self.finish_reason = self.finish_reason or "length"
+        if not self.stop_cut:  # a character held back as incomplete is final now
+            self.text = self._decoded()
+        self._send_text(final=True)
+        self._emit(Event("done", finish_reason=self.finish_reason))
+
+    def fail(self, status: int, message: str) -> None:
+        self.finish_reason = self.finish_reason or "error"
+        self._emit(Event("error", message, status=status))
+
+
+@dataclass
+class Scheduler:
+    max_batch_size: int = 8
+    _waiting: collections.deque = field(default_factory=collections.deque)
+    _ready: threading.Condition = field(default_factory=threading.Condition)
+    closed: bool = False
+
+    def submit(self, job: Job) -> None:
+        with self._ready:
+            if self.closed:
+                raise RuntimeError("the server is shutting down")
+            self._waiting.append(job)
+            self._ready.notify()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def next_batch(self, timeout: float) -> list[Job]:
+        """The next batch, or [] after ``timeout`` seconds without work (cancelled jobs dropped)."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._waiting or self.closed, timeout)
+            while self._waiting and self._waiting[0].cancelled:
+                self._waiting.popleft()
+            if not self._waiting:
+                return []
+            key = self._waiting[0].batch_key
+            batch, rest = [], collections.deque()
+            while self._waiting:
+                job = self._waiting.popleft()
+                if job.cancelled:
+                    continue
+                (batch if job.batch_key == key and len(batch) < self.max_batch_size else rest).append(job)
+            self._waiting = rest
+            return batch
+
+    def close(self) -> list[Job]:
+        """Refuse new jobs; returns the waiting ones (to be failed)."""
+        with self._ready:
+            self.closed = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            self._ready.notify_all()
+            return waiting
