@@ -67,7 +67,8 @@ def _polling_pays() -> bool:
     return ranks_here * torch.get_num_threads() <= len(os.sched_getaffinity(0))
 
 
-def _wait(work: dist.Work, group: dist.ProcessGroup) -> None:
+def wait_collective(work: dist.Work, group: dist.ProcessGroup) -> None:
+    """Wait for an async collective, polling where that pays (see _polling_pays)."""
     if dist.get_backend(group) == dist.Backend.GLOO and _polling_pays():
         while not work.is_completed():
             os.sched_yield()  # hands the core to a gloo thread or rank that has work
@@ -82,7 +83,7 @@ def merge_over_group(out: Tensor, lse: Tensor, group: Optional[dist.ProcessGroup
         return out
     packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1).contiguous()
     parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
-    _wait(dist.all_gather(parts, packed, group=group, async_op=True), group)
+    wait_collective(dist.all_gather(parts, packed, group=group, async_op=True), group)
     out, lse = parts[0][..., :-1], parts[0][..., -1]
     for part in parts[1:]:
         out, lse = _merge(out, lse, part[..., :-1], part[..., -1])

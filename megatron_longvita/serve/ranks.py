@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longvita.inference import GenerationConfig, InferenceEngine, Prompt, SamplingConfig
+from megatron_longvita.parallel.decode import wait_collective
 from megatron_longvita.serve.scheduler import Job, Scheduler
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ class ControlChannel:
 
     def broadcast_flags(self, flags: Optional[Sequence[bool]], count: int) -> list[bool]:
         tensor = torch.tensor(flags, dtype=torch.uint8) if self.rank == 0 else torch.empty(count, dtype=torch.uint8)
-        dist.broadcast(tensor, src=0, group=self.group)
+        # once per decode step: a parked gloo thread can take a scheduler time slice to wake
+        wait_collective(dist.broadcast(tensor, src=0, group=self.group, async_op=True), self.group)
         return tensor.bool().tolist()
 
     def any(self, value: bool) -> bool:
