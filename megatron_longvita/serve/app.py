@@ -222,9 +222,10 @@ def build_app(options: ServerOptions, scheduler: Scheduler, builder: PromptBuild
         job = None
         try:
             authorise(request)
-            chat = parse_chat_request(await _read_json(request, options.max_request_bytes),
-                                      options.served_model_name, options.allowed_media_root)
-            job = await submit(chat)
+            with scheduler.preparing():
+                chat = parse_chat_request(await _read_json(request, options.max_request_bytes),
+                                          options.served_model_name, options.allowed_media_root)
+                job = await submit(chat)
             deadline = started + options.request_timeout_s
             if chat.stream:
                 metrics.count(endpoint, 200)
@@ -250,10 +251,11 @@ def build_app(options: ServerOptions, scheduler: Scheduler, builder: PromptBuild
         jobs: list[Job] = []
         try:
             authorise(request)
-            chats = parse_reference_request(await _read_json(request, options.max_request_bytes),
-                                            options.allowed_media_root)
-            for chat in chats:
-                jobs.append(await submit(chat))
+            with scheduler.preparing():
+                chats = parse_reference_request(await _read_json(request, options.max_request_bytes),
+                                                options.allowed_media_root)
+                for chat in chats:
+                    jobs.append(await submit(chat))
             deadline = started + options.request_timeout_s
             texts = [(await collect(job, request, deadline))[0] for job in jobs]
         except RequestError as error:

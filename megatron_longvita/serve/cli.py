@@ -44,6 +44,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--allowed-media-root", default=None,
                         help="directory local media paths may point into (default: base64 data URLs only)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests per engine batch")
+    parser.add_argument("--batch-gather-ms", type=float, default=50.0,
+                        help="how long a short batch waits for requests already being parsed/prepared")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="prompt + generated tokens per request (default: the checkpoint's max positions)")
     parser.add_argument("--max-num-frames", type=int, default=None, help="frames sampled per video by default")
@@ -81,7 +83,7 @@ def _start_http(args: argparse.Namespace, max_model_len: int, stopping: threadin
     builder = PromptBuilder(ChatTokenizer.from_dir(args.tokenizer), MediaConfig.from_model_config(model_config,
                                                                                                  **frames),
                             max_model_len)
-    scheduler = Scheduler(args.max_batch_size)
+    scheduler = Scheduler(args.max_batch_size, args.batch_gather_ms / 1e3)
     metrics = Metrics(scheduler)
     options = ServerOptions(args.served_model_name, args.api_key, args.allowed_media_root, args.max_request_bytes,
                             args.request_timeout, max_model_len)

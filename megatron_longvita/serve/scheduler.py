@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from megatron_longvita.inference import Prompt
 from megatron_longvita.serve.protocol import Sampling
@@ -119,16 +120,33 @@ class Job:
 @dataclass
 class Scheduler:
     max_batch_size: int = 8
+    gather_s: float = 0.05  # how long a short batch waits for requests already being prepared
     _waiting: collections.deque = field(default_factory=collections.deque)
     _ready: threading.Condition = field(default_factory=threading.Condition)
+    _preparing: int = 0
     closed: bool = False
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Around a request's parsing and prompt building: a batch about to start waits for it.
+
+        Without this, clients that come back together after a batch would split into a batch
+        of the first arrival and one of the rest."""
+        with self._ready:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._ready:
+                self._preparing -= 1
+                self._ready.notify_all()
 
     def submit(self, job: Job) -> None:
         with self._ready:
             if self.closed:
                 raise RuntimeError("the server is shutting down")
             self._waiting.append(job)
-            self._ready.notify()
+            self._ready.notify_all()
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -137,18 +155,19 @@ class Scheduler:
         """The next batch, or [] after ``timeout`` seconds without work (cancelled jobs dropped)."""
         with self._ready:
             self._ready.wait_for(lambda: self._waiting or self.closed, timeout)
-            while self._waiting and self._waiting[0].cancelled:
-                self._waiting.popleft()
+            self._waiting = collections.deque(job for job in self._waiting if not job.cancelled)
             if not self._waiting:
                 return []
             key = self._waiting[0].batch_key
+            deadline = time.monotonic() + self.gather_s
+            while (self._preparing and not self.closed and time.monotonic() < deadline
+                   and sum(job.batch_key == key for job in self._waiting) < self.max_batch_size):
+                self._ready.wait(deadline - time.monotonic())
             batch, rest = [], collections.deque()
-            while self._waiting:
-                job = self._waiting.popleft()
-                if job.cancelled:
-                    continue
-                (batch if job.batch_key == key and len(batch) < self.max_batch_size else rest).append(job)
-            self._waiting = rest
+            for job in self._waiting:
+                (batch if job.batch_key == key and len(batch) < self.max_batch_size and not job.cancelled
+                 else rest).append(job)
+            self._waiting = collections.deque(job for job in rest if not job.cancelled)
             return batch
 
     def close(self) -> list[Job]:
