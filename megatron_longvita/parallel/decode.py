@@ -46,10 +46,15 @@ def attend_cached(query: Tensor, key: Tensor, value: Tensor, lengths: Sequence[i
         valid = torch.arange(longest, device=query.device) < torch.tensor(lengths, device=query.device)[:, None]
         scores = scores.masked_fill(~valid[:, None, None, :], -math.inf)
         values = values.masked_fill(~valid[:, None, :, None], 0.0)  # unwritten slots may hold NaN: 0 * NaN
-    lse = scores.logsumexp(-1, keepdim=True)
-    # a row with no slot has lse -inf: shift it by 0 instead, so its probabilities are 0, not NaN
-    probs = torch.exp(scores - (lse.masked_fill(lse == -math.inf, 0.0) if shortest == 0 else lse))
-    out = torch.matmul(probs, values.to(dtype))
+    # softmax in place (one pass fewer and no [.., longest] temporaries beside the scores, which
+    # is what a step costs beyond reading K/V at long context); normalised after the PV product
+    peak = scores.amax(-1, keepdim=True)
+    if shortest == 0:  # a row with no slot: shift by 0, so its weights are 0 rather than NaN
+        peak = peak.masked_fill(peak == -math.inf, 0.0)
+    weights = scores.sub_(peak).exp_()
+    total = weights.sum(-1, keepdim=True)  # >= 1 where a slot exists (its peak weighs exp(0)), else 0
+    out = torch.matmul(weights, values.to(dtype)).div_(total.clamp_min(1.0))
+    lse = peak + total.log()
     return out.view(batch, query_heads, 1, dim), lse.view(batch, query_heads, 1)
 
 
