@@ -44,8 +44,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--allowed-media-root", default=None,
                         help="directory local media paths may point into (default: base64 data URLs only)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests per engine batch")
-    parser.add_argument("--batch-gather-ms", type=float, default=50.0,
-                        help="how long a short batch waits for requests already being parsed/prepared")
+    parser.add_argument("--batch-gather-ms", type=float, default=100.0,
+                        help="how long a short batch waits for requests being prepared and for the clients "
+                             "of the batch that just ended")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="prompt + generated tokens per request (default: the checkpoint's max positions)")
     parser.add_argument("--max-num-frames", type=int, default=None, help="frames sampled per video by default")

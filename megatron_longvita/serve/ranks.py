@@ -130,3 +130,5 @@ def engine_loop(engine: InferenceEngine, channel: ControlChannel, scheduler: Opt
             if scheduler is not None:
                 on_batch(len(jobs))
             run_batch(engine, channel, command, jobs if scheduler is not None else None, on_step)
+            if scheduler is not None:
+                scheduler.batch_ended(len(jobs))

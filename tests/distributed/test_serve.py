@@ -144,9 +144,12 @@ class Server:
         assert "ChildFailedError" not in log, log[-3000:]
 
     def kill(self) -> None:
+        """SIGKILL torchrun and its ranks (killed alone, torchrun would leave them running)."""
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(30)
+            processes = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
+            for process in processes:
+                process.kill()
+            psutil.wait_procs(processes, timeout=30)
 
 
 def _data_url(path: str, mime: str) -> str:
