@@ -201,7 +201,9 @@ def build_app(options: ServerOptions, scheduler: Scheduler, builder: PromptBuild
             if event.kind == "done":
                 yield chunk({}, event.finish_reason)
                 if chat.include_usage:
-                    yield f"data: {json.dumps({'id': ident, 'object': 'chat.completion.chunk', 'created': created, 'model': options.served_model_name, 'choices': [], 'usage': usage(job)})}\n\n"  # noqa: E501
+                    final = {"id": ident, "object": "chat.completion.chunk", "created": created,
+                             "model": options.served_model_name, "choices": [], "usage": usage(job)}
+                    yield f"data: {json.dumps(final)}\n\n"
             else:
                 error = {"message": event.text, "type": "server_error", "param": None, "code": event.status}
                 yield f"data: {json.dumps({'error': error})}\n\n"

@@ -150,9 +150,11 @@ def _content_text(content: Any, where: str, images: list[Media], videos: list[Me
             text.append(_get(part, "text", (str,), required=True, where=f"{param}."))
         elif kind in ("image_url", "video_url"):
             media = part.get(kind)
-            url = media if isinstance(media, str) else _get(media, "url", (str,), required=True,
-                                                            where=f"{param}.{kind}.") if isinstance(media, dict) else None
-            if url is None:
+            if isinstance(media, dict):
+                url = _get(media, "url", (str,), required=True, where=f"{param}.{kind}.")
+            elif isinstance(media, str):  # some clients send the URL itself
+                url = media
+            else:
                 raise RequestError(400, f"'{param}.{kind}' must be an object with a 'url'", f"{param}.{kind}")
             if kind == "image_url":
                 images.append(parse_media_url(url, "image", media_root, f"{param}.image_url.url"))
@@ -243,13 +245,12 @@ def parse_reference_request(body: Any, media_root: Optional[str]) -> list[ChatRe
     tokens = _get(body, "tokens_to_generate", (int,), REFERENCE_DEFAULT_TOKENS)
     if tokens < 1:
         raise RequestError(400, f"'tokens_to_generate' must be >= 1, got {tokens}", "tokens_to_generate")
-    images: list[Media] = []
     for name in ("image_path_list", "image_list", "video_path_list"):
         values = _get(body, name, (list,), [])
         if not all(isinstance(v, str) for v in values):
             raise RequestError(400, f"'{name}' must be a list of strings", name)
-    images = [local_media_path(p, media_root, f"image_path_list[{i}]")
-              for i, p in enumerate(body.get("image_path_list") or [])]
+    images: list[Media] = [local_media_path(p, media_root, f"image_path_list[{i}]")
+                           for i, p in enumerate(body.get("image_path_list") or [])]
     images += [MediaBytes(decode_base64(s, f"image_list[{i}]"), "") for i, s in enumerate(body.get("image_list") or [])]
     videos: list[Media] = [local_media_path(p, media_root, f"video_path_list[{i}]")
                            for i, p in enumerate(body.get("video_path_list") or [])]
