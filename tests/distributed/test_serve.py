@@ -309,8 +309,9 @@ def test_cp2_reference_api_models_health_metrics(cp2_server, assets) -> None:
 
 
 def test_cp2_binds_127_0_0_1_by_default_and_sigterm_stops_all_ranks(cp2_server) -> None:
-    listening = [c.laddr for p in psutil.Process(cp2_server.process.pid).children(recursive=True)
-                 for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == cp2_server.port]
+    ranks = psutil.Process(cp2_server.process.pid).children(recursive=True)
+    listening = [c.laddr for p in ranks for c in p.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == cp2_server.port]
     assert listening and {address.ip for address in listening} == {"127.0.0.1"}
     cp2_server.stop()
 
