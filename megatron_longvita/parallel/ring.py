@@ -187,8 +187,14 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, steps: Sequence[RingStep], gr
     return out, lse
 
 
+def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Online softmax in log-sum-exp form; a block row with lse=-inf leaves the row as is."""
+    weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
+    return out - weight * (out - block_out), lse - F.logsigmoid(lse - block_lse)
+
+
 def _merge_into(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
-    """Online softmax in log-sum-exp form, in place; a block row with lse=-inf leaves the row as is."""
+    """:func:`_merge` in place (no new [b, h, s, d] tensors)."""
     weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
     out.lerp_(block_out.to(out.dtype), weight)  # out + weight * (block_out - out)
     lse.sub_(F.logsigmoid(lse - block_lse))
