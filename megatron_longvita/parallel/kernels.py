@@ -73,7 +73,9 @@ class SegmentLoopKernel:
         if _covers(segments, q, k):  # the primitive's own outputs: no zero-filled copy to scatter into
             out, lse = self._attend(q, k, v, causal, scale)
             return out, lse.to(lse_dtype(q.dtype))
-        out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+        # [b, s, h, d] in memory, as ATen's flash kernels return it: the caller's [s, b, h * d] view needs no copy
+        batch, heads, length, _ = q.shape
+        out = q.new_zeros(batch, length, heads, v.shape[-1]).transpose(1, 2)
         lse = torch.full(q.shape[:-1], -math.inf, dtype=lse_dtype(q.dtype), device=q.device)
         for seg in segments:
             rows, cols = slice(seg.q_start, seg.q_end), slice(seg.k_start, seg.k_end)

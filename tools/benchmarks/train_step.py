@@ -23,7 +23,9 @@ tensor that existed before (weights, gradient buffers, optimizer states) exclude
 
 MFU of (b): model FLOPs per step / TP / median step time, over the peak FLOP/s of a plain
 ``torch.matmul`` of the step's largest GEMM (the output layer's [T, h] x [h, V/TP]) timed in
-the same process between the steps (median). Model FLOPs per step, T tokens per micro-batch,
+the same process just before each pair of steps (median; ``mfu_b``). On a shared host the
+load changes within seconds, so each repeat's figure against the matmul timed just before it
+(``mfu_b_per_repeat``) and the fastest step against the fastest matmul are reported too. Model FLOPs per step, T tokens per micro-batch,
 L layers, hidden h, ffn f, q heads x head dim = hq*d, kv heads hkv, padded vocab V:
 
     3 x [ L x ( 2T (h (hq d + 2 hkv d) + hq d h + 3 h f) + 2 T^2 hq d ) + 2 T h V ]
@@ -128,7 +130,7 @@ def _rank_benchmark(tp: int, args: argparse.Namespace) -> dict:
     rhs = torch.randn(args.hidden, vocab // tp)
     times = {"a": [], "b": [], "matmul": []}
     for _ in range(args.repeats):
-        for name in ("a", "b", "matmul"):
+        for name in ("matmul", "a", "b"):
             started = time.perf_counter()
             if name == "matmul":
                 for _ in range(args.matmul_calls):
@@ -170,6 +172,9 @@ def main() -> None:
         flops = model_flops(args, vocab)
         achieved = flops / tp / median["b"]
         matmul_peak = gemm_flops / median["matmul"]
+        # the load of a shared host changes within seconds: each repeat's step against the matmul timed just before it
+        per_repeat = [gemm_flops / m / (flops / tp / b) for r in ranks
+                      for m, b in zip(r["times"]["matmul"], r["times"]["b"])]
         report["tp"][str(tp)] = {
             "loss_a": ranks[0]["losses"]["a"], "loss_b": ranks[0]["losses"]["b"],
             "step_s_a": round(median["a"], 3), "step_s_b": round(median["b"], 3),
@@ -182,6 +187,9 @@ def main() -> None:
             "matmul_peak_gflops_per_rank": round(matmul_peak / 1e9, 2),
             "largest_gemm": [args.seq_length * args.micro_batch_size, args.hidden, vocab // tp],
             "mfu_b": round(achieved / matmul_peak, 4),
+            "mfu_b_per_repeat": sorted(round(1 / x, 3) for x in per_repeat),
+            "mfu_b_best_over_best": round(flops / tp / min(min(r["times"]["b"]) for r in ranks)
+                                          / (gemm_flops / min(min(r["times"]["matmul"]) for r in ranks)), 4),
         }
         print(f"TP={tp}: {report['tp'][str(tp)]}", file=sys.stderr, flush=True)
     print(json.dumps(report), flush=True)
