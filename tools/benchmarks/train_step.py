@@ -25,7 +25,9 @@ MFU of (b): model FLOPs per step / TP / median step time, over the peak FLOP/s o
 ``torch.matmul`` of the step's largest GEMM (the output layer's [T, h] x [h, V/TP]) timed in
 the same process just before each pair of steps (median; ``mfu_b``). On a shared host the
 load changes within seconds, so each repeat's figure against the matmul timed just before it
-(``mfu_b_per_repeat``) and the fastest step against the fastest matmul are reported too. Model FLOPs per step, T tokens per micro-batch,
+(``mfu_b_per_repeat``) and the fastest step against the fastest matmul are reported too, and
+the same figures in process CPU seconds (``cpu_s_*``, ``mfu_b_cpu_time``; one thread per
+rank): the time a rank actually ran, which other processes on the host do not inflate. Model FLOPs per step, T tokens per micro-batch,
 L layers, hidden h, ffn f, q heads x head dim = hq*d, kv heads hkv, padded vocab V:
 
     3 x [ L x ( 2T (h (hq d + 2 hkv d) + hq d h + 3 h f) + 2 T^2 hq d ) + 2 T h V ]
@@ -129,16 +131,19 @@ def _rank_benchmark(tp: int, args: argparse.Namespace) -> dict:
     lhs = torch.randn(args.seq_length * args.micro_batch_size, args.hidden)
     rhs = torch.randn(args.hidden, vocab // tp)
     times = {"a": [], "b": [], "matmul": []}
+    cpu_times = {"a": [], "b": [], "matmul": []}
     for _ in range(args.repeats):
         for name in ("matmul", "a", "b"):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             if name == "matmul":
                 for _ in range(args.matmul_calls):
                     torch.matmul(lhs, rhs)
             else:
                 step(name)
-            times[name].append((time.perf_counter() - started) / (args.matmul_calls if name == "matmul" else 1))
-    return {"losses": losses, "peaks": peaks, "times": times, "vocab": vocab}
+            calls = args.matmul_calls if name == "matmul" else 1
+            times[name].append((time.perf_counter() - started) / calls)
+            cpu_times[name].append((time.process_time() - cpu_started) / calls)
+    return {"losses": losses, "peaks": peaks, "times": times, "cpu_times": cpu_times, "vocab": vocab}
 
 
 def main() -> None:
@@ -175,6 +180,7 @@ def main() -> None:
         # the load of a shared host changes within seconds: each repeat's step against the matmul timed just before it
         per_repeat = [gemm_flops / m / (flops / tp / b) for r in ranks
                       for m, b in zip(r["times"]["matmul"], r["times"]["b"])]
+        cpu = {name: max(statistics.median(r["cpu_times"][name]) for r in ranks) for name in ("a", "b", "matmul")}
         report["tp"][str(tp)] = {
             "loss_a": ranks[0]["losses"]["a"], "loss_b": ranks[0]["losses"]["b"],
             "step_s_a": round(median["a"], 3), "step_s_b": round(median["b"], 3),
@@ -187,6 +193,9 @@ def main() -> None:
             "matmul_peak_gflops_per_rank": round(matmul_peak / 1e9, 2),
             "largest_gemm": [args.seq_length * args.micro_batch_size, args.hidden, vocab // tp],
             "mfu_b": round(achieved / matmul_peak, 4),
+            "cpu_s_a": round(cpu["a"], 3), "cpu_s_b": round(cpu["b"], 3),
+            "cpu_time_b_over_a": round(cpu["b"] / cpu["a"], 4),
+            "mfu_b_cpu_time": round(flops / tp / cpu["b"] / (gemm_flops / cpu["matmul"]), 4),
             "mfu_b_per_repeat": sorted(round(1 / x, 3) for x in per_repeat),
             "mfu_b_best_over_best": round(flops / tp / min(min(r["times"]["b"]) for r in ranks)
                                           / (gemm_flops / min(min(r["times"]["matmul"]) for r in ranks)), 4),
