@@ -27,8 +27,10 @@ the same process just before each pair of steps (median; ``mfu_b``). On a shared
 load changes within seconds, so each repeat's figure against the matmul timed just before it
 (``mfu_b_per_repeat``) and the fastest step against the fastest matmul are reported too, and
 the same figures in process CPU seconds (``cpu_s_*``, ``mfu_b_cpu_time``; one thread per
-rank): the time a rank actually ran, which other processes on the host do not inflate. Model FLOPs per step, T tokens per micro-batch,
-L layers, hidden h, ffn f, q heads x head dim = hq*d, kv heads hkv, padded vocab V:
+rank): the time a rank actually ran, which other processes on the host do not inflate.
+
+Model FLOPs per step, T tokens per micro-batch, L layers, hidden h, ffn f, q heads x head
+dim = hq*d, kv heads hkv, padded vocab V:
 
     3 x [ L x ( 2T (h (hq d + 2 hkv d) + hq d h + 3 h f) + 2 T^2 hq d ) + 2 T h V ]
 
