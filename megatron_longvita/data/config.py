@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 ThumbnailPosition = Literal["first", "last"]
+FrameFit = Literal["pad", "stretch"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class MediaConfig:
     max_tiles: int = 12
     # The reference puts the whole-image thumbnail before the grid tiles, InternVL after.
     thumbnail_position: ThumbnailPosition = "first"
+    # Video frames: the reference pads to a square with the ImageNet-mean colour, InternVL stretches.
+    frame_fit: FrameFit = "pad"
     max_fps: float = 1.0
     max_num_frames: int = 128
     # A directory of frame images carries no timing; assume this rate.
@@ -43,6 +46,8 @@ class MediaConfig:
             raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
         if self.thumbnail_position not in ("first", "last"):
             raise ValueError(f"thumbnail_position must be 'first' or 'last', got {self.thumbnail_position!r}")
+        if self.frame_fit not in ("pad", "stretch"):
+            raise ValueError(f"frame_fit must be 'pad' or 'stretch', got {self.frame_fit!r}")
         if self.max_fps <= 0 or self.frame_dir_fps <= 0 or self.max_num_frames < 1:
             raise ValueError("max_fps and frame_dir_fps must be > 0 and max_num_frames >= 1")
 

@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import MediaConfig
 from .skips import MediaError, SkipReason
-from .tiling import Grid, choose_grid, normalize, num_image_tiles, resize_square, tile_image
+from .tiling import Grid, choose_grid, fit_frame, normalize, num_image_tiles, tile_image
 from .video import decode_frames_at, probe_video_times, sample_frame_files
 
 
@@ -59,7 +59,7 @@ class VideoFileItem:
 
     def load(self, config: MediaConfig) -> torch.Tensor:
         decoded = decode_frames_at(self.path, list(self.times), config.seek_threshold_s)
-        return normalize([resize_square(frame, config.image_size) for frame in decoded.frames])
+        return normalize([fit_frame(frame, config) for frame in decoded.frames])
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class FrameDirectoryItem:
         for path in self.frame_files:
             with _open_image(path) as frame:
                 try:
-                    tiles.append(resize_square(frame, config.image_size))
+                    tiles.append(fit_frame(frame, config))
                 except OSError as error:
                     raise MediaError(SkipReason.CORRUPT_MEDIA, f"cannot decode frame {path}: {error}") from None
         return normalize(tiles)
