@@ -19,6 +19,7 @@ setup(
         "tokenizers",
         "pillow",
         "av",
+        "pyarrow",  # parquet shards with embedded images (LLaVA-OneVision, LLaVA-ReCap, Docmatix)
         "sentencepiece",
         "psutil",  # dist_checkpointing's writer imports it at save time; without it the save hangs
         "tqdm",
