@@ -1,7 +1,8 @@
 """Per-stage data mixtures (SPEC section 6) as one deterministic, DP-sharded sample stream.
 
 YAML: ``dataset: {<group>: {ratio: float, num: optional cap, data_paths: [...], media_root: optional,
-format: optional RECORD_FORMATS name (detected per file when absent)}}``.
+format: optional RECORD_FORMATS name (detected per file when absent)}}``; a data path may be a glob
+(parquet shards), expanded in sorted order when the group is opened.
 One mixture epoch holds round(ratio * pool) samples of each group (a group's pool is its
 records, capped to a seeded subset of ``num``): ratio > 1 repeats the pool, a fractional part
 draws a seeded subset, 0 skips the group. Epochs are shuffled with (seed, epoch) and repeat
@@ -11,6 +12,7 @@ forever; global position g belongs to data-parallel rank g % dp_size.
 from __future__ import annotations
 
 import bisect
+import glob
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +58,20 @@ def _group_from_yaml(name: str, raw: Any, base_dir: str, path: str) -> MixtureGr
     )
 
 
+def expand_data_paths(group: MixtureGroup) -> list[str]:
+    """The group's files: globs expanded in sorted order (an unmatched glob is an error)."""
+    files = []
+    for path in group.data_paths:
+        if not glob.has_magic(path):
+            files.append(path)
+            continue
+        matches = sorted(glob.glob(path))
+        if not matches:
+            raise ValueError(f"group {group.name!r}: data path {path} matches no file")
+        files += matches
+    return files
+
+
 def load_mixture(path: str) -> list[MixtureGroup]:
     """Parse a mixture YAML; relative data paths and media roots resolve against its folder."""
     with open(path, encoding="utf-8") as handle:
@@ -83,7 +99,8 @@ class MixtureStream:
         self.dp_size = dp_size
         # Ratio-0 groups are never opened: their files may not even exist on this cluster.
         self.files: list[list[RecordFile]] = [
-            [open_record_file(path, group.format) for path in group.data_paths] if group.ratio > 0 else [] for group in groups
+            [open_record_file(path, group.format) for path in expand_data_paths(group)] if group.ratio > 0 else []
+            for group in groups
         ]
         self._file_starts = [np.cumsum([0] + [len(file) for file in files]) for files in self.files]
         self._pools = [self._pool(index) for index in range(len(groups))]

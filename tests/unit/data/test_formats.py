@@ -107,7 +107,9 @@ def shipped(tmp_path) -> dict:
          "images": ["a.png"]},
         {"messages": [message("user", "sample m2 say yes"), message("assistant", "yes")]},
     ]  # fmt: skip
-    pairs["llava_jsonl"] = (write_jsonl(str(root / "ours_llava.jsonl"), ours), write_jsonl(str(root / "llava.jsonl"), llava))
+    pairs["llava_jsonl"] = (
+        write_jsonl(str(root / "ours_llava.jsonl"), ours), write_jsonl(str(root / "llava.jsonl"), llava)
+    )
 
     # LLaVA-Video-178K: a JSON array per subset, ``video`` relative to the subset folder, <image> for the video.
     os.makedirs(root / "academic_source")
@@ -245,8 +247,10 @@ def test_bad_parquet_and_llava_rows_are_counted_skips_with_file_and_row(tmp_path
         if isinstance(item, Skip):
             skips[item.location] = item.reason
     # the undecodable bytes fail at the header, the truncated ones only when decoded (counted per batch)
-    assert skips == {f"{parquet_path}:1": SkipReason.MISSING_MEDIA, f"{parquet_path}:2": SkipReason.CORRUPT_MEDIA,
-                     f"{parquet_path}:3": SkipReason.INVALID_SCHEMA, f"{parquet_path}:5": SkipReason.PLACEHOLDER_MISMATCH}
+    assert skips == {
+        f"{parquet_path}:1": SkipReason.MISSING_MEDIA, f"{parquet_path}:2": SkipReason.CORRUPT_MEDIA,
+        f"{parquet_path}:3": SkipReason.INVALID_SCHEMA, f"{parquet_path}:5": SkipReason.PLACEHOLDER_MISMATCH,
+    }  # fmt: skip
     first = next(iter(loader))
     assert first["stats"]["skipped"] == {"missing_media": 1, "corrupt_media": 2, "invalid_schema": 1,
                                          "placeholder_mismatch": 1}  # fmt: skip
@@ -256,7 +260,25 @@ def test_bad_parquet_and_llava_rows_are_counted_skips_with_file_and_row(tmp_path
     llava_source = SampleSource(llava.stream, llava.tokenizer, llava.config)
     llava_skips = sorted((item.location, item.reason) for item in (llava_source[i] for i in range(3))
                          if isinstance(item, Skip))  # fmt: skip
-    assert llava_skips == [(f"{llava_path}:2", SkipReason.INVALID_SCHEMA), (f"{llava_path}:3", SkipReason.INVALID_SCHEMA)]
+    assert llava_skips == [
+        (f"{llava_path}:2", SkipReason.INVALID_SCHEMA), (f"{llava_path}:3", SkipReason.INVALID_SCHEMA)
+    ]  # fmt: skip
     with pytest.raises(BadSampleError, match=r"bad\.parquet:[1235]: "):
         next(iter(loader_for(str(tmp_path), parquet_path, tokenizer_dir, media_config, pack_buffer_size=6,
                              strict=True)))  # fmt: skip
+
+
+def test_data_path_globs_expand_to_sorted_shards(shipped, tokenizer_dir, media_config) -> None:
+    from megatron_longvita.data.mixture import MixtureStream, expand_data_paths
+
+    root = shipped["root"]
+    source = shipped["pairs"]["onevision_parquet"][1]
+    for index in (10, 2):  # written out of order
+        os.link(source, os.path.join(root, f"shard-{index:05d}.parquet"))
+    mixture = write_mixture(os.path.join(root, "glob.yaml"), {"g": {"data_paths": ["shard-*.parquet"]}})
+    stream = MixtureStream(load_mixture(mixture), seed=0)
+    assert [os.path.basename(f.path) for f in stream.files[0]] == ["shard-00002.parquet", "shard-00010.parquet"]
+    assert stream.epoch_length == 14
+    unmatched = load_mixture(write_mixture(os.path.join(root, "none.yaml"), {"g": {"data_paths": ["nope-*.parquet"]}}))
+    with pytest.raises(ValueError, match="nope-\\*.parquet matches no file"):
+        expand_data_paths(unmatched[0])
