@@ -276,9 +276,10 @@ class ParquetFile:
         cells = row.get("images") if row.get("images") is not None else row.get("image")
         cells = [] if cells is None else cells if isinstance(cells, list) else [cells]
         images = tuple(_embedded_image(cell, f"{location} image[{k}]", location) for k, cell in enumerate(cells))
+        # stand-in names keep the placeholder rules counting images; the bytes replace them below
+        stand_ins = [image.name for image in images]
         layout = llava_to_record_layout(
-            {"conversations": row["conversations"], "image": ["embedded"] * len(images), "video": row.get("video")},
-            location,
+            {"conversations": row["conversations"], "image": stand_ins, "video": row.get("video")}, location
         )
         return parse_record(layout, location, embedded_images=images)
 
