@@ -24,7 +24,8 @@ def reference_grid(width: int, height: int, size: int, min_tiles: int, max_tiles
 
 def exact_fraction_grid(width: int, height: int, size: int, max_tiles: int) -> tuple[int, int]:
     """The same rule with exact rational distances (what the reference does not do)."""
-    grids = sorted(((c, r) for c in range(1, 13) for r in range(1, 13) if c * r <= max_tiles), key=lambda g: g[0] * g[1])
+    grids = [(c, r) for c in range(1, 13) for r in range(1, 13) if c * r <= max_tiles]
+    grids.sort(key=lambda g: g[0] * g[1])
     distances = {grid: abs(Fraction(width, height) - Fraction(*grid)) for grid in grids}
     nearest = min(distances.values())
     tied = [g for g in grids if distances[g] == nearest]
