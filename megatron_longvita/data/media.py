@@ -10,7 +10,8 @@ from typing import Union
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import MediaConfig
+from megatron_longvita.config.data import MediaConfig
+
 from .skips import MediaError, SkipReason
 from .tiling import Grid, choose_grid, normalize, num_image_tiles, resize_square, tile_image
 from .video import decode_frames_at, probe_video_times, sample_frame_files

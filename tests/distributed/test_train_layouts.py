@@ -39,7 +39,7 @@ LAYOUTS = {
 def reference(tmp_path_factory) -> tuple[str, list[float]]:
     checkpoint = str(tmp_path_factory.mktemp("tiny") / "init")
     one_microbatch = SyntheticRun(steps=STEPS, micro_batch_size=8, global_microbatches=1)
-    [losses] = run_distributed(train_synthetic, 1, one_microbatch, save_dir=checkpoint)
+    [losses] = run_distributed(train_synthetic, 1, one_microbatch, initial_weights_dir=checkpoint)
     return checkpoint, losses
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_longvita.config.parallel import ConfigError, ParallelConfig
-from megatron_longvita.data.config import MediaConfig
+from megatron_longvita.config.data import MediaConfig
 from megatron_longvita.models.presets import PRESETS, get_preset
 from tests.harness import run_distributed
 

@@ -33,7 +33,7 @@ def _peak_memory_mib() -> float:
 
 def _rank_benchmark(cp_size: int, context: int, new_tokens: int, fixed_steps: int) -> dict[str, float]:
     from megatron_longvita.config.parallel import ParallelConfig
-    from megatron_longvita.inference import GenerationConfig, InferenceEngine, Prompt
+    from megatron_longvita.inference import GenerationConfig, GenerationRequest, InferenceEngine
     from megatron_longvita.inference.attention import CACHED_LAYER_SPEC
     from megatron_longvita.models.heads import HeadConfig
     from megatron_longvita.models.long_vita import long_vita_provider
@@ -46,7 +46,7 @@ def _rank_benchmark(cp_size: int, context: int, new_tokens: int, fixed_steps: in
     config = get_preset("tiny")
     [model] = build_model_chunks(long_vita_provider(config, parallel, layer_spec=CACHED_LAYER_SPEC, head=HeadConfig()))
     engine = InferenceEngine(model.eval(), config.decoder.vocab_size)
-    prompt = Prompt(torch.randint(0, 200, (context,), generator=torch.Generator().manual_seed(0)).tolist())
+    prompt = GenerationRequest(torch.randint(0, 200, (context,), generator=torch.Generator().manual_seed(0)).tolist())
     engine.generate([prompt], GenerationConfig(max_new_tokens=8))  # warm-up
     cached = engine.generate([prompt], GenerationConfig(max_new_tokens=new_tokens + 1))[0].tokens
     cached_timing = engine.timing

@@ -123,7 +123,7 @@ def main() -> None:
         mixture = build_corpus(root, args.samples, rng)
         config = DataConfig(
             mixture=mixture,
-            tokenizer_dir=args.tokenizer or train_tokenizer(root),
+            tokenizer=args.tokenizer or train_tokenizer(root),
             seq_length=args.seq_length,
             pack_buffer_size=args.pack_buffer_size,
             num_workers=0,  # everything below runs in this one process: per-worker figures
