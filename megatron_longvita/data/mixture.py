@@ -1,4 +1,4 @@
-"""Per-stage data mixtures (SPEC section 6) as one deterministic, DP-sharded sample stream.
+"""Per-stage data mixtures (docs/design.md, "Training stages") as one deterministic, DP-sharded sample stream.
 
 YAML: ``dataset: {<group>: {ratio: float, num: optional cap, data_paths: [...], media_root: optional}}``.
 One mixture epoch holds round(ratio * pool) samples of each group (a group's pool is its

@@ -1,4 +1,4 @@
-"""Long-VITA conversation records (SPEC section 2) and the files that hold them."""
+"""Long-VITA conversation records (docs/design.md, "Conversation records") and the files that hold them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""ChatML template, the Long-VITA special tokens and placeholder expansion (SPEC sections 2-3)."""
+"""ChatML template, the Long-VITA special tokens and placeholder expansion (docs/design.md,
+"Conversation records" and "Token layout")."""
 
 from __future__ import annotations
 

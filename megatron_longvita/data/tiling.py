@@ -1,4 +1,4 @@
-"""Dynamic tiling of images (SPEC section 4) and the ImageNet normalisation of tiles."""
+"""Dynamic tiling of images (docs/design.md, "Image tiling") and the ImageNet normalisation of tiles."""
 
 from __future__ import annotations
 

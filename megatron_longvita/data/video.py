@@ -1,4 +1,4 @@
-"""Video frame sampling (SPEC section 4): at most ``max_fps`` and ``max_num_frames`` frames,
+"""Video frame sampling (docs/design.md, "Video frames"): at most ``max_fps`` and ``max_num_frames`` frames,
 evenly spread, decoded with seeking so a long video is not decoded frame by frame."""
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def test_internvl_round_trip_is_bit_exact_also_through_tp2_pp2(hf_dir, exported)
 
 def test_longvita_round_trip_is_bit_exact(exported) -> None:
     longvita = tensors(exported / "longvita")
-    assert "model.vision_model.encoder.layers.1.attn.qkv.weight" in longvita  # SPEC 8 names
+    assert "model.vision_model.encoder.layers.1.attn.qkv.weight" in longvita  # docs/design.md, "Checkpoint names"
     assert "model.vision_projection.mlp.2.weight" in longvita and "lm_head.weight" in longvita
     assert_identical(tensors(exported / "longvita_again"), longvita)
 

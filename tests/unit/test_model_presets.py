@@ -66,7 +66,7 @@ def test_geometry_feeds_the_data_pipeline() -> None:
 
 
 def test_context_ids_follow_the_special_token_order() -> None:
-    # Stock Qwen2.5 has 151,665 tokens; <img> = 151665, <IMG_CONTEXT> = 151667 (SPEC 3 order).
+    # Stock Qwen2.5 has 151,665 tokens; <img> = 151665, <IMG_CONTEXT> = 151667 (docs/design.md, "Token layout").
     assert get_preset("qwen2.5-14b").context_token_ids == (151667, 151673, 151670)
 
 

@@ -10,9 +10,9 @@ from megatron_longvita.data.tiling import IMAGENET_MEAN, IMAGENET_STD, choose_gr
 
 
 def reference_grid(width: int, height: int, size: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
-    """SPEC rule, stated differently: among the grids tied for the closest aspect ratio
-    (compared exactly with integer cross-multiplication), take the largest one whose pixel
-    area is under twice the image area, else the smallest."""
+    """The grid rule of docs/design.md, "Image tiling", stated differently: among the grids
+    tied for the closest aspect ratio (compared exactly with integer cross-multiplication),
+    take the largest one whose pixel area is under twice the image area, else the smallest."""
     grids = [(c, r) for c in range(1, 13) for r in range(1, 13) if min_tiles <= c * r <= max_tiles]
     # |w/h - c/r| = |w*r - h*c| / (h*r); compare a/b < c/d as a*d < c*b.
     def difference(grid):
