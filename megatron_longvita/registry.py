@@ -15,8 +15,9 @@ first lookup, and the built-ins register there with the decorator.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterator
 from importlib import metadata
-from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
+from typing import Any, Generic, Optional, TypeVar
 
 T = TypeVar("T")
 

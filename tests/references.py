@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,12 +36,31 @@ def save_tiny_internvl(directory: str) -> None:
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     config = InternVLConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=56, patch_size=14, attention_bias=True),
-        text_config=dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
-                         tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
-        image_token_id=IMAGE_TOKEN, image_seq_length=TOKENS_PER_TILE, tie_word_embeddings=False)
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+            attention_bias=True,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        ),
+        image_token_id=IMAGE_TOKEN,
+        image_seq_length=TOKENS_PER_TILE,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = InternVLForConditionalGeneration(config)
     with torch.no_grad():
@@ -63,8 +83,15 @@ def prompts() -> dict[str, tuple[list[int], np.ndarray | None]]:
     def text(n: int) -> list[int]:
         return torch.randint(0, IMAGE_TOKEN - 10, (n,), generator=generator).tolist()
 
-    image = (text(5) + [IMAGE_TOKEN] * TOKENS_PER_TILE + text(2) + [PATCH_TOKEN] * TOKENS_PER_TILE + text(1)
-             + [PATCH_TOKEN] * TOKENS_PER_TILE + text(4))
+    image = (
+        text(5)
+        + [IMAGE_TOKEN] * TOKENS_PER_TILE
+        + text(2)
+        + [PATCH_TOKEN] * TOKENS_PER_TILE
+        + text(1)
+        + [PATCH_TOKEN] * TOKENS_PER_TILE
+        + text(4)
+    )
     pixel_values = torch.randn(3, 3, 56, 56, generator=generator).numpy()
     return {"image": (image, pixel_values), "text": (text(14), None)}
 
@@ -92,17 +119,19 @@ def transformers_greedy(hf_dir: str) -> dict[str, tuple[torch.Tensor, list[int]]
     return results
 
 
-
 def comparable_tokens(tokens: list[int]) -> list[int]:
     """Tokens up to the first vision placeholder id: the engine never emits one (input-only),
     transformers' InternVL treats all but <IMG_CONTEXT> as text."""
     placeholders = (IMAGE_TOKEN, PATCH_TOKEN, IMAGE_TOKEN + 3)
     return next((tokens[:i] for i, t in enumerate(tokens) if t in placeholders), tokens)
 
+
 # -- attention -------------------------------------------------------------------------
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        cu_seqlens: Optional[Sequence[int]] = None) -> torch.Tensor:
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[Sequence[int]] = None
+) -> torch.Tensor:
     """Causal (document-masked) attention over the full sequence with an explicit mask.
 
     q [S, b, hq, d], k/v [S, b, hkv, d]; GQA by repeating k/v (query head h -> kv head h // g).
@@ -120,6 +149,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 # -- memory ------------------------------------------------------------------------------
+
 
 class LiveTensorBytes(TorchDispatchMode):
     """Peak bytes of the tensor storages created while the mode is active and still alive.
