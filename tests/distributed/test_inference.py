@@ -205,7 +205,8 @@ def test_cli_chat_prompt_with_image_and_video_cp2_equals_fixed_length_cp1(conver
               "--video", make_frame_dir(str(tmp_path / "frames"), 5), "--max-num-frames", "2"]
     printed = run_distributed(generate_cli, 2, common + ["--cp", "2", "--stream", "--output",
                                                          str(tmp_path / "cached.json")])
-    run_distributed(generate_cli, 1, common + ["--decode-mode", "fixed-length", "--output", str(tmp_path / "fixed.json")])
+    run_distributed(generate_cli, 1,
+                    common + ["--decode-mode", "fixed-length", "--output", str(tmp_path / "fixed.json")])
     cached, fixed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cached", "fixed"))
     assert len(cached["generated_ids"]) >= 1 and cached["generated_ids"] == fixed["generated_ids"]
     assert max(abs(a - b) for a, b in zip(cached["first_logits"], fixed["first_logits"])) <= TOLERANCE

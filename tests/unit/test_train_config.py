@@ -14,7 +14,8 @@ from megatron_longvita.registry import OUTPUT_HEADS, PACKING_LAYOUTS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
-# docs/design.md "Training stages" (64 devices): seq length, TP/PP/CP/DP, global batch, iterations, lr -> min, packing, frames
+# docs/design.md "Training stages" (64 devices): seq length, TP/PP/CP/DP, global batch, iterations,
+# lr -> min, packing, frames
 STAGES = {
     "stage1_14b": (32768, (8, 1, 1, 8), 512, 1000, (1e-3, 1e-5), "reset", 128),
     "stage2_14b": (16384, (8, 1, 1, 8), 512, 5000, (1e-5, 1e-7), "reset", 128),
@@ -139,12 +140,14 @@ def test_registered_names_are_accepted_and_unknown_ones_listed(tmp_path: Path) -
     try:
         config.validate(64)  # a plugin's head is accepted like a built-in
         recipe = tmp_path / "plugin.yaml"
-        recipe.write_text(f"base: {CONFIGS / 'stage3_14b.yaml'}\ndata: {{packing: plugin_layout, bin_packer: greedy}}\n")
+        recipe.write_text(f"base: {CONFIGS / 'stage3_14b.yaml'}\n"
+                          "data: {packing: plugin_layout, bin_packer: greedy}\n")
         plugin = load_yaml(str(recipe))
         plugin.validate(64)
         assert (plugin.data.packing, plugin.data.bin_packer) == ("plugin_layout", "greedy")
         bad = dataclasses.replace(plugin, data=dataclasses.replace(plugin.data, bin_packer="best_fit"))
-        with pytest.raises(ConfigError, match=r"data.bin_packer: unknown bin packer 'best_fit'; registered: ffd, greedy"):
+        with pytest.raises(ConfigError,
+                           match=r"data.bin_packer: unknown bin packer 'best_fit'; registered: ffd, greedy"):
             bad.validate(64)
     finally:
         OUTPUT_HEADS._items.pop("plugin_head")

@@ -6,8 +6,9 @@ Per CP size: prefill time of a ``--context``-token text prompt, per-token decode
 the engine's cached decoding (``--new-tokens`` steps, KV cache sharded over CP; mean and
 median, the median being robust to the host's stalls) and of the fixed-length method (the
 whole prompt + max-output sequence re-run per token, ``--fixed-steps`` steps, mean), their
-ratios, and each rank's peak RSS (CPU; peak allocated memory on CUDA). The model is the "tiny" preset with random weights (random init is enough:
-cost does not depend on the values). Prints one JSON line; times are the slowest rank's.
+ratios, and each rank's peak RSS (CPU; peak allocated memory on CUDA). The model is the "tiny"
+preset with random weights (random init is enough: cost does not depend on the values).
+Prints one JSON line; times are the slowest rank's.
 """
 
 from __future__ import annotations

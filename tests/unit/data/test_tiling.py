@@ -66,7 +66,7 @@ def test_tiles_in_placeholder_order(position: str) -> None:
     # Four flat quadrants on a 2x2 grid: tile k must be quadrant k (row-major).
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
     image = Image.new("RGB", (56, 56))
-    for index, (col, row) in enumerate(itertools.product(range(2), range(2))):
+    for col, row in itertools.product(range(2), range(2)):
         image.paste(colors[row * 2 + col], (col * 28, row * 28, col * 28 + 28, row * 28 + 28))
     tiles = tile_image(image, (2, 2), config)
     assert tiles.shape == (num_image_tiles((2, 2)), 3, 28, 28) == (5, 3, 28, 28)
