@@ -28,7 +28,7 @@ def reshard(load_dir: str, save_dir: str, parallel: ParallelConfig) -> None:
     """Load the converted checkpoint at `parallel` and save it again from there."""
     from megatron_longvita.checkpoint.dist import save_model
     from megatron_longvita.checkpoint.model_config import load_model_config, save_model_config
-    from megatron_longvita.generate import load_for_inference
+    from megatron_longvita.inference import load_for_inference
 
     initialize_distributed(parallel)
     chunks, _ = load_for_inference(load_dir, parallel)
