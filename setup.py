@@ -26,7 +26,7 @@ setup(
         "tensorboard",  # train.py --tensorboard-dir
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers>=4.52"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.52", "ruff"],
         "gpu": ["transformer-engine[pytorch]"],
     },
 )

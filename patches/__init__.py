@@ -21,9 +21,9 @@ from typing import Any, Callable
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-logger = logging.getLogger(__name__)
+from megatron_longvita.config.platforms import PLATFORM_NAMES as PLATFORMS
 
-PLATFORMS = ("cpu", "cuda", "npu")
+logger = logging.getLogger(__name__)
 
 
 class PatchVersionError(RuntimeError):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from megatron_longvita.patches import declared, installed_version
+from megatron_longvita.patches import PLATFORMS, declared, installed_version
 from megatron_longvita.platform import detect_platform
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--platform", choices=("cpu", "cuda", "npu"), help="default: detected")
+    parser.add_argument("--platform", choices=PLATFORMS, help="default: detected")
     parser.add_argument("--json", action="store_true", help="one JSON object per patch")
     args = parser.parse_args()
     platform = args.platform or detect_platform()

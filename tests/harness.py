@@ -82,7 +82,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             except queue.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RankFailed(f"{fn.__name__}: {dead[0].name} died with exit code {dead[0].exitcode}")
+                    raise RankFailed(
+                        f"{fn.__name__}: {dead[0].name} died with exit code {dead[0].exitcode}") from None
                 continue
             if status == "error":
                 raise RankFailed(f"{fn.__name__} failed on rank {rank} of {world_size}:\n{value}")

@@ -11,7 +11,8 @@ from typing import Union
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import MediaConfig
+from megatron_longvita.config.data import MediaConfig
+
 from .schema import EmbeddedImage
 from .skips import MediaError, SkipReason
 from .tiling import Grid, choose_grid, fit_frame, normalize, num_image_tiles, tile_image

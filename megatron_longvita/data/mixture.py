@@ -1,4 +1,4 @@
-"""Per-stage data mixtures (SPEC section 6) as one deterministic, DP-sharded sample stream.
+"""Per-stage data mixtures (docs/design.md, "Training stages") as one deterministic, DP-sharded sample stream.
 
 YAML: ``dataset: {<group>: {ratio: float, num: optional cap, data_paths: [...], media_root: optional,
 format: optional RECORD_FORMATS name (detected per file when absent)}}``; a data path may be a glob

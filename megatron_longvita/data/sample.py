@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import MediaConfig
+from megatron_longvita.config.data import MediaConfig
+
 from .media import ImageItem, MediaItem, VideoItem, plan_image, plan_video, resolve_media_path
 from .schema import EmbeddedImage, Record
 from .skips import BadSampleError, MediaError, SkipReason

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import MediaConfig
+from megatron_longvita.config.data import MediaConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import av
 from PIL import Image
 
-from .config import MediaConfig
+from megatron_longvita.config.data import MediaConfig
+
 from .skips import MediaError, SkipReason
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

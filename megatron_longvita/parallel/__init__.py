@@ -9,7 +9,6 @@ from megatron_longvita.parallel.kernels import BLOCK_KERNELS, BlockKernel, Segme
 from megatron_longvita.parallel.ring import RingStep, plan_ring, ring_attention
 from megatron_longvita.parallel.zigzag import (
     ContextParallelLayoutError,
-    context_parallel_loss,
     megatron_pos_emb_on_this_cp_rank,
     pad_for_context_parallel,
     split_batch_for_context_parallel,
@@ -20,7 +19,7 @@ from megatron_longvita.parallel.zigzag import (
 
 __all__ = [
     "BLOCK_KERNELS", "BlockKernel", "Segment", "RingStep", "plan_ring", "ring_attention",
-    "ContextParallelLayoutError", "context_parallel_loss", "megatron_pos_emb_on_this_cp_rank",
+    "ContextParallelLayoutError", "megatron_pos_emb_on_this_cp_rank",
     "pad_for_context_parallel",
     "split_batch_for_context_parallel", "zigzag_gather", "zigzag_positions", "zigzag_split",
 ]

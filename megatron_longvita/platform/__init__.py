@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_longvita.config.platforms import PLATFORM_NAMES as PLATFORMS
+
 logger = logging.getLogger(__name__)
 
 PLATFORM_ENV = "LONGVITA_PLATFORM"
-PLATFORMS = ("cpu", "cuda", "npu")
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,7 @@ def parquet_benchmark(args: argparse.Namespace) -> None:
         tokenizer_dir = args.tokenizer or train_tokenizer(root)
         training = tiny_training_rates(root, args.train_iters)
         # the tiny quickstart's data settings (examples/configs/tiny_stage1.yaml): 56 px tiles, 4 tokens each
-        tiny = DataConfig(mixture=mixture, tokenizer_dir=tokenizer_dir, seq_length=256, pack_buffer_size=128,
+        tiny = DataConfig(mixture=mixture, tokenizer=tokenizer_dir, seq_length=256, pack_buffer_size=128,
                           media=MediaConfig(image_size=56, max_tiles=4, max_num_frames=4))  # fmt: skip
         full = dataclasses.replace(tiny, seq_length=args.seq_length, pack_buffer_size=256,
                                    media=MediaConfig(image_size=448, max_tiles=12, max_num_frames=128))  # fmt: skip
@@ -281,7 +281,7 @@ def main() -> None:
         mixture = build_corpus(root, args.samples, rng)
         config = DataConfig(
             mixture=mixture,
-            tokenizer_dir=args.tokenizer or train_tokenizer(root),
+            tokenizer=args.tokenizer or train_tokenizer(root),
             seq_length=args.seq_length,
             pack_buffer_size=args.pack_buffer_size,
             num_workers=0,  # everything below runs in this one process: per-worker figures

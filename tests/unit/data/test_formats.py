@@ -150,7 +150,7 @@ def loader_for(root: str, path: str, tokenizer_dir: str, media_config, record_fo
         group["format"] = record_format
     name = os.path.basename(path).replace(".", "_")
     mixture = write_mixture(os.path.join(root, f"mixture_{name}_{record_format}.yaml"), {"g": group})
-    settings = dict(mixture=mixture, tokenizer_dir=tokenizer_dir, seq_length=1024, pack_buffer_size=16,
+    settings = dict(mixture=mixture, tokenizer=tokenizer_dir, seq_length=1024, pack_buffer_size=16,
                     num_workers=0, media=media_config)  # fmt: skip
     return PackedDataLoader(DataConfig(**{**settings, **overrides}))
 

@@ -26,7 +26,7 @@ DOCMATIX_SCHEMA = pa.schema([
 
 
 def prepared_samples(mixture: str, tokenizer_dir: str, media_config) -> list:
-    config = DataConfig(mixture=mixture, tokenizer_dir=tokenizer_dir, seq_length=4096, pack_buffer_size=64,
+    config = DataConfig(mixture=mixture, tokenizer=tokenizer_dir, seq_length=4096, pack_buffer_size=64,
                         num_workers=0, media=media_config, seed=0)  # fmt: skip
     loader = PackedDataLoader(config)
     items = next(loader.prepared_windows(0))[1][: loader.stream.epoch_length]

@@ -11,9 +11,9 @@ from megatron_longvita.data.tiling import IMAGENET_MEAN, IMAGENET_STD, choose_gr
 
 
 def reference_grid(width: int, height: int, size: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
-    """The rule, stated differently: among the grids at the smallest float64 distance
-    |width / height - cols / rows|, the largest whose pixel area is under twice the image area,
-    else the smallest."""
+    """The grid rule of docs/design.md, "Tiling and frames", stated differently: among the grids
+    at the smallest float64 distance |width / height - cols / rows|, the largest whose pixel area
+    is under twice the image area, else the smallest."""
     grids = [(c, r) for c in range(1, 13) for r in range(1, 13) if min_tiles <= c * r <= max_tiles]
     distances = {grid: abs(float(width) / float(height) - float(grid[0]) / float(grid[1])) for grid in grids}
     nearest = min(distances.values())
@@ -100,7 +100,7 @@ def test_tiles_in_placeholder_order(position: str) -> None:
     # Four flat quadrants on a 2x2 grid: tile k must be quadrant k (row-major).
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
     image = Image.new("RGB", (56, 56))
-    for index, (col, row) in enumerate(itertools.product(range(2), range(2))):
+    for col, row in itertools.product(range(2), range(2)):
         image.paste(colors[row * 2 + col], (col * 28, row * 28, col * 28 + 28, row * 28 + 28))
     tiles = tile_image(image, (2, 2), config)
     assert tiles.shape == (num_image_tiles((2, 2)), 3, 28, 28) == (5, 3, 28, 28)
