@@ -46,7 +46,7 @@ from megatron_longvita.inference import (
     load_for_inference,
 )
 from megatron_longvita.models.long_vita import gather_logits
-from megatron_longvita.platform import destroy_distributed, initialize_distributed
+from megatron_longvita.platform import destroy_distributed, initialize_distributed, setup_platform
 
 __all__ = ["greedy_generate", "last_position_logits", "load_for_inference", "main"]
 
@@ -189,16 +189,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     stop_ids = tuple(args.stop_ids) + ((tokenizer.ids["<|im_end|>"],) if tokenizer is not None else ())
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                               context_parallel_size=args.cp)
+    platform = setup_platform()
     try:
-        initialize_distributed(parallel)
+        initialize_distributed(parallel, platform=platform)
         if args.pp > 1:
-            chunks, vocab_size = load_for_inference(args.load, parallel)
+            chunks, vocab_size = load_for_inference(args.load, parallel, platform=platform)
             result = greedy_generate(chunks, prompt.tokens, prompt.pixel_values, args.max_new_tokens, vocab_size,
                                      stop_ids[0] if stop_ids else None)
         else:
             rope = (RopeScaling(args.rope_scaling, args.rope_scaling_factor,
                                 args.rope_original_max_position_embeddings) if args.rope_scaling else None)
-            engine = load_engine(args.load, parallel, rope)
+            engine = load_engine(args.load, parallel, rope, platform)
             sampling = SamplingConfig(0.0 if args.greedy else args.temperature, args.top_k, args.top_p, args.seed)
             config = GenerationConfig(args.max_new_tokens, sampling, stop_ids, args.decode_mode,
                                       tokenizer.pad_id if tokenizer is not None else 0)

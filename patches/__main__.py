@@ -6,7 +6,7 @@ import argparse
 import json
 
 from megatron_longvita.patches import declared, installed_version
-from megatron_longvita.platform import detect_platform
+from megatron_longvita.platform.detect import detect_platform
 
 
 def main() -> None:

@@ -11,9 +11,9 @@ from megatron_longvita.inference.engine import (
     load_engine,
     load_for_inference,
 )
-from megatron_longvita.inference.cache import KVCache, LayerKV
 from megatron_longvita.inference.rope import ROPE_SCALING_KINDS, RopeScaling
 from megatron_longvita.inference.sampling import Sampler, SamplingConfig
+from megatron_longvita.parallel.cache import KVCache, LayerKV
 
 __all__ = ["DECODE_MODES", "Generation", "GenerationConfig", "InferenceEngine", "KVCache", "LayerKV", "Prompt", "Timing", "load_engine",
            "load_for_inference", "ROPE_SCALING_KINDS", "RopeScaling", "Sampler", "SamplingConfig"]

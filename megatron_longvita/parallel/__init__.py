@@ -10,7 +10,6 @@ from megatron_longvita.parallel.ring import RingStep, plan_ring, ring_attention
 from megatron_longvita.parallel.zigzag import (
     ContextParallelLayoutError,
     context_parallel_loss,
-    megatron_pos_emb_on_this_cp_rank,
     pad_for_context_parallel,
     split_batch_for_context_parallel,
     zigzag_gather,
@@ -20,7 +19,7 @@ from megatron_longvita.parallel.zigzag import (
 
 __all__ = [
     "BLOCK_KERNELS", "BlockKernel", "Segment", "RingStep", "plan_ring", "ring_attention",
-    "ContextParallelLayoutError", "context_parallel_loss", "megatron_pos_emb_on_this_cp_rank",
+    "ContextParallelLayoutError", "context_parallel_loss",
     "pad_for_context_parallel",
     "split_batch_for_context_parallel", "zigzag_gather", "zigzag_positions", "zigzag_split",
 ]

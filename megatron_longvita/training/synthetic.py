@@ -26,7 +26,7 @@ from megatron_longvita.checkpoint.dist import (load_model, load_training_checkpo
                                                save_training_checkpoint)
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.models.decoder import DecoderConfig, build_decoder
-from megatron_longvita.platform import destroy_distributed, initialize_distributed
+from megatron_longvita.platform import Platform, destroy_distributed, initialize_distributed, setup_platform
 from megatron_longvita.training.loop import (ScheduleConfig, build_model_chunks, is_logging_rank, masked_loss,
                                              setup_training, train_step)
 
@@ -78,20 +78,23 @@ def forward_step(data_iterator, model):
     return output, functools.partial(masked_loss, batch["loss_mask"])
 
 
-def build_tiny_decoder_chunks(run: SyntheticRun) -> list:
-    transformer_config = TINY_DECODER.transformer_config(run.parallel, params_dtype=run.params_dtype)
-    return build_model_chunks(functools.partial(build_decoder, TINY_DECODER, transformer_config))
+def build_tiny_decoder_chunks(run: SyntheticRun, platform: Optional[Platform] = None) -> list:
+    transformer_config = TINY_DECODER.transformer_config(run.parallel, params_dtype=run.params_dtype,
+                                                         platform=platform)
+    return build_model_chunks(functools.partial(build_decoder, TINY_DECODER, transformer_config,
+                                                platform=platform))
 
 
 def train_synthetic(run: SyntheticRun, load_dir: Optional[str] = None, save_dir: Optional[str] = None,
                     log_every: int = 0, checkpoint_dir: Optional[str] = None, save_interval: int = 0,
-                    stop_after: Optional[int] = None) -> list[float]:
+                    stop_after: Optional[int] = None, platform: Optional[Platform] = None) -> list[float]:
     """Train from scratch or from the weights in `load_dir`; returns per-step losses (empty off
     the last stage). With `checkpoint_dir`, resume from its latest training checkpoint and save
     one every `save_interval` steps; `stop_after` ends the run early (a simulated interruption).
+    `platform`: default the detected one, its patches applied by the caller (main does).
     """
-    initialize_distributed(run.parallel, seed=run.seed)
-    chunks = build_tiny_decoder_chunks(run)
+    initialize_distributed(run.parallel, seed=run.seed, platform=platform)
+    chunks = build_tiny_decoder_chunks(run, platform)
     if load_dir:
         load_model(chunks, load_dir)
     if save_dir:
@@ -143,9 +146,11 @@ def main() -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
     run = SyntheticRun(ParallelConfig(args.tp, args.pp, 1, args.vpp, args.sequence_parallel),
                        steps=args.steps, lr=args.lr, distributed_optimizer=args.use_distributed_optimizer)
+    platform = setup_platform()
     try:
         losses = train_synthetic(run, load_dir=args.load, save_dir=args.save, log_every=5,
-                                 checkpoint_dir=args.checkpoint_dir, save_interval=args.save_interval)
+                                 checkpoint_dir=args.checkpoint_dir, save_interval=args.save_interval,
+                                 platform=platform)
         if losses and is_logging_rank():
             print(json.dumps({"first_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4),
                               "steps": len(losses), "tp": args.tp, "pp": args.pp}), flush=True)

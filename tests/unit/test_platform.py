@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_longvita.config.parallel import ConfigError, ParallelConfig
-from megatron_longvita.platform import PLATFORM_ENV, _describe, detect_platform
+from megatron_longvita.platform import PLATFORM_ENV, describe_platform, detect_platform
 
 
 def test_env_override_and_bad_value(monkeypatch) -> None:
@@ -16,7 +16,7 @@ def test_env_override_and_bad_value(monkeypatch) -> None:
 
 @pytest.mark.parametrize("name, backend", [("cpu", "gloo"), ("cuda", "nccl"), ("npu", "hccl")])
 def test_backend_per_platform(name: str, backend: str) -> None:
-    assert _describe(name).backend == backend
+    assert describe_platform(name).backend == backend
 
 
 @pytest.mark.parametrize("parallel, world_size, message", [

@@ -8,6 +8,7 @@ import pytest
 
 from megatron_longvita.config.parallel import ConfigError
 from megatron_longvita.config.train import load_yaml, parse_args
+from megatron_longvita.models.presets import get_preset
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
@@ -30,7 +31,7 @@ TRAINABLE = {  # (vision, projector, language model)
 def test_stage_recipe_matches_spec(stage: str) -> None:
     config = load_yaml(str(CONFIGS / f"{stage}.yaml"))
     seq, (tp, pp, cp, dp), batch, iters, (lr, min_lr), packing, frames = STAGES[stage]
-    config.validate(world_size=64)
+    config.validate(world_size=64, model=get_preset(config.model.preset))
     assert config.data.seq_length == seq and config.data.packing == packing and config.data.max_num_frames == frames
     parallel = config.parallel
     assert (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
@@ -71,7 +72,7 @@ def test_megatron_flags_override_the_yaml() -> None:
 def test_bad_settings_fail_with_the_fix(flags: list[str], world_size: int, message: str) -> None:
     config = parse_args(["--config", str(CONFIGS / "stage1_14b.yaml"), *flags])
     with pytest.raises(ConfigError, match=message):
-        config.validate(world_size)
+        config.validate(world_size, get_preset(config.model.preset))
 
 
 def test_unknown_yaml_key_is_named(tmp_path: Path) -> None:
@@ -84,7 +85,7 @@ def test_unknown_yaml_key_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize("stage", [1, 2, 3, 4])
 def test_7b_variants_validate_at_64_devices(stage: int) -> None:
     config = load_yaml(str(CONFIGS / f"stage{stage}_7b.yaml"))
-    config.validate(world_size=64)
+    config.validate(world_size=64, model=get_preset(config.model.preset))
     reference = load_yaml(str(CONFIGS / f"stage{stage}_14b.yaml"))
     assert config.parallel.tensor_model_parallel_size == 4
     assert (config.data, config.optimizer, config.schedule) == (reference.data, reference.optimizer, reference.schedule)
