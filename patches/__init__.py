@@ -19,7 +19,14 @@ from .core import (PLATFORMS, AppliedPatch, Patch, PatchTargetError, PatchVersio
 from .core import _APPLIED
 
 __all__ = ["PLATFORMS", "AppliedPatch", "Patch", "PatchTargetError", "PatchVersionError", "apply", "applied",
-           "apply_platform_patches", "check_version", "declared", "installed_version", "register"]
+           "apply_platform_patches", "check_version", "declared", "installed_version", "is_applied", "register"]
+
+_applied_platforms: set[str] = set()
+
+
+def is_applied(platform: str) -> bool:
+    """Whether this process applied `platform`'s patch set (an entry point's setup_platform did)."""
+    return platform in _applied_platforms
 
 
 def apply_platform_patches(platform: str) -> list[AppliedPatch]:
@@ -34,5 +41,8 @@ def apply_platform_patches(platform: str) -> list[AppliedPatch]:
         pending = [patch for patch in patches if patch.name not in _APPLIED]
         for record in npu.apply_through_mindspeed(pending):
             _APPLIED[record.patch.name] = record
-        return [_APPLIED[patch.name] for patch in patches]
-    return [apply(patch) for patch in patches]
+        records = [_APPLIED[patch.name] for patch in patches]
+    else:
+        records = [apply(patch) for patch in patches]
+    _applied_platforms.add(platform)
+    return records

@@ -2,7 +2,10 @@
 
 One ring algorithm (:mod:`.ring`) over pluggable block kernels (:mod:`.kernels`, keyed by
 ``Platform.attention_kernel``); :mod:`.zigzag` splits micro-batches and gathers outputs;
-:mod:`.attention` is the megatron core-attention module behind the "local_ring" spec.
+:mod:`.attention` holds the megatron core-attention modules behind the "local_ring" and
+"local_ring_cached" specs; :mod:`.cache` and :mod:`.decode` are the KV cache sharded over
+CP and the decode step's attention against it; the merge of partial attentions is
+:func:`.kernels.merge_partial_attention`.
 """
 
 from megatron_longvita.parallel.kernels import BLOCK_KERNELS, BlockKernel, Segment

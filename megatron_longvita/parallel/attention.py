@@ -1,10 +1,11 @@
 """Ring attention as megatron's core attention (the "local_ring" and "local_ring_cached" specs).
 
 Drop-in for ``DotProductAttention`` in a local layer spec: same constructor and forward
-signature (the upstream contract "dot-product-attention-signature"; the block ``kernel``
-comes from the platform, bound by the spec with ``functools.partial``), q/k/v [s, b, heads, head_dim] with heads already split by TP, output
-[s, b, heads * head_dim]. The CP group comes from megatron's parallel_state; at CP=1 it is
-plain (optionally document-masked) causal attention, which the local spec lacks too.
+signature (upstream contract "dot-product-attention-signature"; the block ``kernel`` is the
+platform's, bound by the spec with ``functools.partial``), q/k/v [s, b, heads, head_dim]
+with heads already split by TP, output [s, b, heads * head_dim]. The CP group comes from
+megatron's parallel_state; at CP=1 it is plain (optionally document-masked) causal
+attention, which the local spec lacks too.
 
 Packed documents arrive as ``PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=...)`` with
 global boundaries of the padded sequence (:func:`packed_seq_params_for_context_parallel`).

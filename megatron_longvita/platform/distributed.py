@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longvita.config.parallel import ParallelConfig
-from megatron_longvita.patches import applied, declared
+from megatron_longvita.patches import is_applied
 from megatron_longvita.platform.detect import Platform, current_platform
 
 logger = logging.getLogger(__name__)
@@ -19,12 +19,10 @@ logger = logging.getLogger(__name__)
 
 def _require_patches(platform: Platform) -> None:
     """Fail fast, before megatron reaches CUDA-only code, when no entry point applied the patches."""
-    done = {record.patch.name for record in applied()}
-    missing = [patch.name for patch in declared(platform.name) if patch.name not in done]
-    if missing:
-        raise RuntimeError(f"platform {platform.name}: {len(missing)} declared patch(es) not applied (first: "
-                           f"{missing[0]}); call megatron_longvita.platform.setup_platform() once at the entry "
-                           "point, before initialize_distributed")
+    if not is_applied(platform.name):
+        raise RuntimeError(f"platform {platform.name}: its patch set is not applied; call "
+                           "megatron_longvita.platform.setup_platform() once at the entry point, before "
+                           "initialize_distributed")
 
 
 def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30, *,
