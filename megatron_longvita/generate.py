@@ -40,7 +40,7 @@ from megatron_longvita.inference import (
     SamplingConfig,
     load_engine,
 )
-from megatron_longvita.platform import destroy_distributed, initialize_distributed
+from megatron_longvita.platform import destroy_distributed, initialize_distributed, setup_platform
 
 __all__ = ["main"]
 
@@ -145,11 +145,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     prompt, tokenizer = build_prompt(args)
     stop_ids = tuple(args.stop_ids) + ((tokenizer.ids["<|im_end|>"],) if tokenizer is not None else ())
+    platform = setup_platform()
     try:
-        initialize_distributed(args.parallel)
+        initialize_distributed(args.parallel, platform=platform)
         rope = (RopeScaling(args.rope_scaling, args.rope_scaling_factor, args.rope_original_max_position_embeddings)
                 if args.rope_scaling else None)
-        engine = load_engine(args.load, args.parallel, rope)
+        engine = load_engine(args.load, args.parallel, rope, platform)
         sampling = SamplingConfig(0.0 if args.greedy else args.temperature, args.top_k, args.top_p, args.seed)
         config = GenerationConfig(args.max_new_tokens, sampling, stop_ids, args.decode_mode,
                                   tokenizer.pad_id if tokenizer is not None else 0)

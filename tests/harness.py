@@ -41,6 +41,9 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, results: Any
 
     torch.set_num_threads(1)  # N ranks share 2 cores; oversubscription makes gloo crawl
     try:
+        from megatron_longvita.platform import setup_platform
+
+        setup_platform()  # a rank is an entry point: the platform's patch set, once per process
         value = fn(*args, **kwargs)
     except BaseException:  # report everything, including SystemExit from a CLI under test
         results.put((rank, "error", traceback.format_exc()))

@@ -29,7 +29,7 @@ from megatron_longvita.models.long_vita import LongVitaModel, build_long_vita
 from megatron_longvita.models.presets import ModelConfig
 from megatron_longvita.models.projector import ProjectorConfig
 from megatron_longvita.models.vision import VisionConfig
-from megatron_longvita.platform import initialize_distributed
+from megatron_longvita.platform import initialize_distributed, setup_platform
 
 MODEL_TYPES = {"internvl": "internvl", "long_vita": "longvita", "qwen2": "qwen2", "intern_vit_6b": "internvit"}
 
@@ -205,7 +205,7 @@ def _model_state(model: LongVitaModel) -> dict[str, torch.Tensor]:
 def _build_unsharded(config: ModelConfig, dtype: torch.dtype) -> LongVitaModel:
     # Local specs: the table uses their names, and torch_dist keys are the TE ones either way.
     return build_long_vita(config, ParallelConfig(), params_dtype=dtype, layer_spec="local",
-                           vision_layer_spec="local")
+                           vision_layer_spec="vision_local")
 
 
 def hf2mcore(hf_dir: str, save_dir: str, fmt: Optional[str] = None, vision_hf_dir: Optional[str] = None,
@@ -264,6 +264,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     to_hf.add_argument("--format", choices=("internvl", "longvita", "qwen2"), required=True)
     to_hf.add_argument("--max-shard-size-gb", type=float, default=5.0)
     args = parser.parse_args(argv)
+    setup_platform()
     try:
         if args.command == "hf2mcore":
             parallel = parallel_config_from_args(args)

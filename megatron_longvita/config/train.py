@@ -94,13 +94,16 @@ class TrainConfig:
     def params_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16 else torch.float32
 
-    def validate(self, world_size: int) -> None:
-        """Everything checkable without a process group; each error names the flag to change."""
-        from megatron_longvita.models.presets import get_preset
+    def validate(self, world_size: int, model: Optional[Any] = None) -> None:
+        """Everything checkable without a process group; each error names the flag to change.
 
+        ``model``: the ModelConfig of ``model.preset`` (the models layer resolves presets, this
+        one cannot import it), checked against the layout when given.
+        """
         self.parallel.validate(world_size)
-        get_preset(self.model.preset).validate_parallel(self.parallel.tensor_model_parallel_size,
-                                                        self.parallel.pipeline_model_parallel_size)
+        if model is not None:
+            model.validate_parallel(self.parallel.tensor_model_parallel_size,
+                                    self.parallel.pipeline_model_parallel_size)
         cp = self.parallel.context_parallel_size
         if cp > 1 and self.data.seq_length % (2 * cp):
             raise ConfigError(f"--seq-length {self.data.seq_length} is not divisible by 2 x --context-parallel-size "

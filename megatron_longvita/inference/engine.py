@@ -37,13 +37,15 @@ from torch import Tensor
 from megatron_longvita.checkpoint.dist import load_model
 from megatron_longvita.checkpoint.model_config import load_model_config
 from megatron_longvita.config.parallel import ConfigError, ParallelConfig
-from megatron_longvita.inference.attention import CACHED_LAYER_SPEC, CachedRingAttention, bind_cache
-from megatron_longvita.inference.cache import KVCache
 from megatron_longvita.inference.rope import RopeScaling, apply_rope_scaling, rotary_table
 from megatron_longvita.inference.sampling import Sampler, SamplingConfig
 from megatron_longvita.models.heads import HeadConfig
 from megatron_longvita.models.long_vita import LongVitaModel, gather_logits, long_vita_provider
+from megatron_longvita.models.specs import INFERENCE
 from megatron_longvita.parallel import zigzag_positions, zigzag_split
+from megatron_longvita.parallel.attention import CachedRingAttention, bind_cache
+from megatron_longvita.parallel.cache import KVCache
+from megatron_longvita.platform import Platform
 from megatron_longvita.training.loop import build_model_chunks
 
 DECODE_MODES = ("cached", "fixed-length")
@@ -102,9 +104,10 @@ def load_for_inference(load_dir: str, parallel: ParallelConfig, **options) -> tu
     return chunks, config.decoder.vocab_size
 
 
-def load_engine(load_dir: str, parallel: ParallelConfig,
-                rope_scaling: Optional[RopeScaling] = None) -> "InferenceEngine":
-    """The engine on a checkpoint, at TP x CP or TP x PP (megatron's parallel state already initialised)."""
+def load_engine(load_dir: str, parallel: ParallelConfig, rope_scaling: Optional[RopeScaling] = None,
+                platform: Optional[Platform] = None) -> "InferenceEngine":
+    """The engine on a checkpoint, at TP x CP or TP x PP (megatron's parallel state already
+    initialised); ``platform``: default the detected one."""
     if parallel.sequence_parallel or parallel.virtual_pipeline_model_parallel_size is not None:
         raise ConfigError("the inference engine runs without --sequence-parallel (decode steps are one token "
                           "long) and without --virtual-pipeline-model-parallel-size")
@@ -112,7 +115,8 @@ def load_engine(load_dir: str, parallel: ParallelConfig,
         raise ConfigError("with --pipeline-model-parallel-size > 1 the engine runs fixed-length decoding at "
                           "TP x PP only: use --pipeline-model-parallel-size 1 for --context-parallel-size and "
                           "--rope-scaling")
-    [model], vocab_size = load_for_inference(load_dir, parallel, layer_spec=CACHED_LAYER_SPEC, head=HeadConfig())
+    [model], vocab_size = load_for_inference(load_dir, parallel, purpose=INFERENCE, head=HeadConfig(),
+                                             platform=platform)
     return InferenceEngine(model, vocab_size, rope_scaling)
 
 
@@ -126,8 +130,8 @@ class InferenceEngine:
         self.attention = [m for m in model.modules() if isinstance(m, CachedRingAttention)]
         self.pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
         if not self.attention or not (self.pipelined or (model.pre_process and model.post_process)):
-            raise ConfigError(f"the engine needs this rank's model (the whole model without PP) built with "
-                              f"layer_spec={CACHED_LAYER_SPEC!r} and a head (HeadConfig); see load_engine")
+            raise ConfigError("the engine needs this rank's model (the whole model without PP) built for "
+                              "purpose='inference' (cached ring attention) and with a head (HeadConfig); see load_engine")
         self.cp_group = parallel_state.get_context_parallel_group()
         self.cp_size, self.cp_rank = self.cp_group.size(), self.cp_group.rank()
         self.device = next(model.parameters()).device

@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from megatron_longvita.parallel import zigzag_positions
+from megatron_longvita.patches.contracts import GPT_POSTPROCESS, require
 from megatron_longvita.registry import OUTPUT_HEADS
 
 
@@ -166,10 +167,12 @@ class HeadedGPTModel(GPTModel):
       the rank holding a position computes its logits, then every CP rank gets all rows.
       Not differentiable across CP ranks: for inference.
 
-    Without either, or with megatron's own ``inference_context``, it is GPTModel.
+    Without either, or with megatron's own ``inference_context``, it is GPTModel. Overrides
+    the private ``GPTModel._postprocess`` (upstream contract "gpt-model-postprocess").
     """
 
     def __init__(self, *args, head: HeadConfig = HeadConfig(), **kwargs) -> None:
+        require(GPT_POSTPROCESS.name)
         super().__init__(*args, **kwargs)
         if self.config.mtp_num_layers:
             raise ValueError("output heads do not support multi-token prediction (mtp_num_layers)")

@@ -50,13 +50,6 @@ def zigzag_split(tensor: Tensor, dim: int, cp_size: int, cp_rank: int) -> Tensor
     return torch.cat([chunks[first], chunks[second]], dim=dim)
 
 
-def megatron_pos_emb_on_this_cp_rank(pos_emb: Tensor, seq_dim: int, cp_group: dist.ProcessGroup) -> Tensor:
-    """Device-agnostic replacement for megatron's ``get_pos_emb_on_this_cp_rank``: the same
-    zigzag rule, without its pinned host tensor and ``.cuda()`` (which fail on CPU and on
-    NPU without MindSpeed)."""
-    return zigzag_split(pos_emb, seq_dim, cp_group.size(), cp_group.rank())
-
-
 def zigzag_gather(local: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
     """Inverse of :func:`zigzag_split` over the CP group: the full sequence on every rank.
 

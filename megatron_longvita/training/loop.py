@@ -21,9 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import MegatronModule, TransformerConfig
 
 from megatron_longvita.config.train import ScheduleConfig
-
-# (pre_process, post_process, vp_stage) -> model chunk
-ModelProvider = Callable[[bool, bool, Optional[int]], MegatronModule]
+from megatron_longvita.models.long_vita import ModelProvider
 
 
 def build_model_chunks(provider: ModelProvider) -> list[MegatronModule]:

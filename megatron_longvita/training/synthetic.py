@@ -26,7 +26,7 @@ from megatron_longvita.checkpoint.dist import load_model, load_training_checkpoi
 from megatron_longvita.config.parallel import ParallelConfig, add_parallel_arguments, parallel_config_from_args
 from megatron_longvita.config.train import ScheduleConfig
 from megatron_longvita.models.decoder import DecoderConfig, build_decoder
-from megatron_longvita.platform import destroy_distributed, initialize_distributed
+from megatron_longvita.platform import Platform, destroy_distributed, initialize_distributed, setup_platform
 from megatron_longvita.training.loop import build_model_chunks, is_logging_rank, masked_loss, setup_training, train_step
 
 logger = logging.getLogger(__name__)
@@ -77,23 +77,26 @@ def forward_step(data_iterator, model):
     return output, functools.partial(masked_loss, batch["loss_mask"])
 
 
-def build_tiny_decoder_chunks(run: SyntheticRun) -> list:
-    transformer_config = TINY_DECODER.transformer_config(run.parallel, params_dtype=run.params_dtype)
-    return build_model_chunks(functools.partial(build_decoder, TINY_DECODER, transformer_config))
+def build_tiny_decoder_chunks(run: SyntheticRun, platform: Optional[Platform] = None) -> list:
+    transformer_config = TINY_DECODER.transformer_config(run.parallel, params_dtype=run.params_dtype,
+                                                         platform=platform)
+    return build_model_chunks(functools.partial(build_decoder, TINY_DECODER, transformer_config,
+                                                platform=platform))
 
 
 def train_synthetic(run: SyntheticRun, load_dir: Optional[str] = None,
                     initial_weights_dir: Optional[str] = None, log_every: int = 0,
                     checkpoint_dir: Optional[str] = None, save_interval: int = 0,
-                    stop_after: Optional[int] = None) -> list[float]:
+                    stop_after: Optional[int] = None, platform: Optional[Platform] = None) -> list[float]:
     """Train from scratch or from the weights in `load_dir`; returns per-step losses (empty off
     the last stage). `initial_weights_dir` receives the weights training starts from (a dist
     checkpoint another layout can `load_dir`). With `checkpoint_dir`, resume from its latest
     training checkpoint and save one every `save_interval` steps; `stop_after` ends the run
-    early (a simulated interruption).
+    early (a simulated interruption). `platform`: default the detected one, its patches applied
+    by the caller (main does).
     """
-    initialize_distributed(run.parallel, seed=run.seed)
-    chunks = build_tiny_decoder_chunks(run)
+    initialize_distributed(run.parallel, seed=run.seed, platform=platform)
+    chunks = build_tiny_decoder_chunks(run, platform)
     if load_dir:
         load_model(chunks, load_dir)
     if initial_weights_dir:
@@ -144,9 +147,11 @@ def main() -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
     parallel = parallel_config_from_args(args)
     run = SyntheticRun(parallel, steps=args.steps, lr=args.lr, distributed_optimizer=args.use_distributed_optimizer)
+    platform = setup_platform()
     try:
         losses = train_synthetic(run, load_dir=args.load, initial_weights_dir=args.save_initial_weights,
-                                 log_every=5, checkpoint_dir=args.checkpoint_dir, save_interval=args.save_interval)
+                                 log_every=5, checkpoint_dir=args.checkpoint_dir, save_interval=args.save_interval,
+                                 platform=platform)
         if losses and is_logging_rank():
             print(json.dumps({"first_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4),
                               "steps": len(losses), "tp": parallel.tensor_model_parallel_size,

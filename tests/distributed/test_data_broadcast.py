@@ -41,11 +41,12 @@ def config(tmp_path_factory) -> TrainConfig:
 def _rank_batches(config: TrainConfig) -> dict:
     from megatron.core import parallel_state
 
-    from megatron_longvita.platform import initialize_distributed
+    from megatron_longvita.platform import current_platform, initialize_distributed
     from megatron_longvita.train import build_loader, resolve_model
 
     initialize_distributed(config.parallel, seed=config.seed)
-    loader = build_loader(config, resolve_model(config, ChatTokenizer.from_dir(config.data.tokenizer)))
+    loader = build_loader(config, resolve_model(config, ChatTokenizer.from_dir(config.data.tokenizer)),
+                          current_platform())
     batches = [batch for batch, _ in zip(loader, range(BATCHES))]
     return {"dp_rank": parallel_state.get_data_parallel_rank(), "batches": batches,
             "has_loader": loader.loader is not None, "state": loader.state_dict()}

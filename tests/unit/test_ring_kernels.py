@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_longvita.parallel import BLOCK_KERNELS, Segment, ring_attention
-from megatron_longvita.platform import _describe
+from megatron_longvita.platform import describe_platform
 from tests.references import reference_attention
 
 KERNELS = ["cpu_flash", "math"]
@@ -82,7 +82,7 @@ def test_flash_attn_kernel_falls_back_to_math_outside_fp16_bf16(dtype: torch.dty
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="checks the error without torch_npu")
 def test_npu_kernel_is_registered_and_names_torch_npu_when_missing() -> None:
-    kernel = BLOCK_KERNELS.get(_describe("npu").attention_kernel)
+    kernel = BLOCK_KERNELS.get(describe_platform("npu").attention_kernel)
     q, k, v = (_bhsd(t) for t in _qkv(4, 1, 2, 1, dtype=torch.float16))
     segments = [Segment(0, 4, 0, 4)]
     with pytest.raises(ImportError, match="torch_npu"):

@@ -10,6 +10,7 @@ import pytest
 
 from megatron_longvita.config.parallel import ConfigError
 from megatron_longvita.config.train import load_yaml, parse_args
+from megatron_longvita.models.presets import get_preset
 from megatron_longvita.registry import OUTPUT_HEADS, PACKING_LAYOUTS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
@@ -34,7 +35,7 @@ TRAINABLE = {  # (vision, projector, language model)
 def test_stage_recipe_matches_spec(stage: str) -> None:
     config = load_yaml(str(CONFIGS / f"{stage}.yaml"))
     seq, (tp, pp, cp, dp), batch, iters, (lr, min_lr), packing, frames = STAGES[stage]
-    config.validate(world_size=64)
+    config.validate(world_size=64, model=get_preset(config.model.preset))
     assert config.data.seq_length == seq and config.data.packing == packing
     assert config.data.media.max_num_frames == frames
     parallel = config.parallel
@@ -79,7 +80,7 @@ def test_megatron_flags_override_the_yaml() -> None:
 def test_bad_settings_fail_with_the_fix(flags: list[str], world_size: int, message: str) -> None:
     config = parse_args(["--config", str(CONFIGS / "stage1_14b.yaml"), *flags])
     with pytest.raises(ConfigError, match=message):
-        config.validate(world_size)
+        config.validate(world_size, get_preset(config.model.preset))
 
 
 def test_unknown_yaml_key_is_named(tmp_path: Path) -> None:
@@ -96,7 +97,7 @@ SEVEN_B = {1: {}, 2: {}, 3: {}, 4: {"recompute_num_layers": 28}}
 @pytest.mark.parametrize("stage", [1, 2, 3, 4])
 def test_7b_variants_are_the_14b_recipe_with_their_differences(stage: int) -> None:
     config = load_yaml(str(CONFIGS / f"stage{stage}_7b.yaml"))
-    config.validate(world_size=64)
+    config.validate(world_size=64, model=get_preset(config.model.preset))
     reference = load_yaml(str(CONFIGS / f"stage{stage}_14b.yaml"))
     expected = dataclasses.replace(
         reference, model=dataclasses.replace(reference.model, preset="qwen2.5-7b", **SEVEN_B[stage]),

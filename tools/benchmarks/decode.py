@@ -35,17 +35,19 @@ def _peak_memory_mib() -> float:
 def _rank_benchmark(cp_size: int, context: int, new_tokens: int, fixed_steps: int) -> dict[str, float]:
     from megatron_longvita.config.parallel import ParallelConfig
     from megatron_longvita.inference import GenerationConfig, GenerationRequest, InferenceEngine
-    from megatron_longvita.inference.attention import CACHED_LAYER_SPEC
     from megatron_longvita.models.heads import HeadConfig
     from megatron_longvita.models.long_vita import long_vita_provider
     from megatron_longvita.models.presets import get_preset
-    from megatron_longvita.platform import initialize_distributed
+    from megatron_longvita.models.specs import INFERENCE
+    from megatron_longvita.platform import initialize_distributed, setup_platform
     from megatron_longvita.training.loop import build_model_chunks
 
     parallel = ParallelConfig(context_parallel_size=cp_size)
-    initialize_distributed(parallel)
+    platform = setup_platform()
+    initialize_distributed(parallel, platform=platform)
     config = get_preset("tiny")
-    [model] = build_model_chunks(long_vita_provider(config, parallel, layer_spec=CACHED_LAYER_SPEC, head=HeadConfig()))
+    [model] = build_model_chunks(long_vita_provider(config, parallel, platform=platform, purpose=INFERENCE,
+                                                    head=HeadConfig()))
     engine = InferenceEngine(model.eval(), config.decoder.vocab_size)
     prompt = GenerationRequest(torch.randint(0, 200, (context,), generator=torch.Generator().manual_seed(0)).tolist())
     engine.generate([prompt], GenerationConfig(max_new_tokens=8))  # warm-up

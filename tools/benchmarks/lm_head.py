@@ -61,11 +61,11 @@ class Step:
 def _init_tensor_parallel_group() -> None:
     """megatron's cross-entropy all-reduces over the TP group: a one-rank gloo world."""
     from megatron_longvita.config.parallel import ParallelConfig
-    from megatron_longvita.platform import initialize_distributed
+    from megatron_longvita.platform import initialize_distributed, setup_platform
     from tests.harness import free_port
 
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    initialize_distributed(ParallelConfig())
+    initialize_distributed(ParallelConfig(), platform=setup_platform())
 
 
 def _inputs(tokens: int, hidden: int, vocab: int, label_fraction: float, seed: int = 0):
