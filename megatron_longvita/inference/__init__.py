@@ -1,7 +1,6 @@
 """Context-parallel inference engine: TP+CP prefill with the masked head, decoding over a KV
 cache sharded across the CP ranks, sampling, RoPE scaling. CLI: ``-m megatron_longvita.generate``."""
 
-from megatron_longvita.inference.cache import KVCache, LayerKV
 from megatron_longvita.inference.engine import (
     DECODE_MODES,
     Generation,
