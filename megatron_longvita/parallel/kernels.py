@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_longvita.registry import Registry
@@ -54,6 +55,22 @@ BLOCK_KERNELS: Registry[BlockKernel] = Registry("ring attention block kernel")
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_partial_attention(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine two partial attentions over disjoint keys (online softmax in log-sum-exp form):
+    out [..., d], lse [...]. A row with block_lse=-inf is left as is. Cached decoding merges its
+    CP ranks with it; the ring merges its steps with the in-place :func:`merge_partial_attention_`."""
+    weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
+    return out - weight * (out - block_out), lse - F.logsigmoid(lse - block_lse)
+
+
+def merge_partial_attention_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """:func:`merge_partial_attention` in place, into ``out`` and ``lse`` (views allowed): no new
+    tensors the size of ``out``, as the ring's accumulators need."""
+    weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
+    out.lerp_(block_out.to(out.dtype), weight)  # out + weight * (block_out - out)
+    lse.sub_(F.logsigmoid(lse - block_lse))
 
 
 def _covers(segments: Sequence[Segment], q: Tensor, k: Tensor) -> bool:

@@ -23,10 +23,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_longvita.parallel.kernels import BLOCK_KERNELS, BlockKernel, Segment
+from megatron_longvita.parallel.kernels import BLOCK_KERNELS, BlockKernel, Segment, merge_partial_attention_
 from megatron_longvita.parallel.zigzag import ContextParallelLayoutError, zigzag_positions
 
 _KV_TAG, _DKV_TAG = 0, 2  # K and V (dK and dV) each take a tag
@@ -182,22 +181,9 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, steps: Sequence[RingStep], gr
             if out is None:  # step 0 is the diagonal block: every query sees itself, so lse is finite
                 out, lse = block_out.to(block_lse.dtype), block_lse
             else:
-                _merge_into(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+                merge_partial_attention_(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
         ring.advance(i)
     return out, lse
-
-
-def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
-    """Online softmax in log-sum-exp form; a block row with lse=-inf leaves the row as is."""
-    weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
-    return out - weight * (out - block_out), lse - F.logsigmoid(lse - block_lse)
-
-
-def _merge_into(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
-    """:func:`_merge` in place (no new [b, h, s, d] tensors)."""
-    weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
-    out.lerp_(block_out.to(out.dtype), weight)  # out + weight * (block_out - out)
-    lse.sub_(F.logsigmoid(lse - block_lse))
 
 
 def _ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -262,14 +248,14 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(query: Tensor, key: Tensor, value: Tensor, group: Optional[dist.ProcessGroup] = None, *,
-                   cu_seqlens: Optional[Tensor | Sequence[int]] = None, softmax_scale: Optional[float] = None,
-                   kernel: Optional[str] = None) -> Tensor:
+                   kernel: str, cu_seqlens: Optional[Tensor | Sequence[int]] = None,
+                   softmax_scale: Optional[float] = None) -> Tensor:
     """Causal attention of zigzag-split q/k/v over the CP ``group`` (None: no CP).
 
     query [s, b, hq, d], key/value [s, b, hkv, d] with hq a multiple of hkv, s = this rank's
     2 chunks. ``cu_seqlens``: global document boundaries of the padded sequence (reset
-    packing, b = 1); None means plain causal. ``kernel``: a BLOCK_KERNELS name, by default
-    the platform's. Returns [s, b, hq, d].
+    packing, b = 1); None means plain causal. ``kernel``: a BLOCK_KERNELS name, the
+    platform's ``attention_kernel`` in the model. Returns [s, b, hq, d].
     """
     cp_size = dist.get_world_size(group) if group is not None else 1
     cp_rank = dist.get_rank(group) if group is not None else 0
@@ -287,10 +273,6 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, group: Optional[di
             raise ValueError(f"packed documents (cu_seqlens) need micro-batch size 1, got {batch}")
         documents = tuple(cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else cu_seqlens)
     steps = plan_ring(cp_size, cp_rank, length, documents)
-    if kernel is None:
-        from megatron_longvita.platform import setup_platform
-
-        kernel = setup_platform().attention_kernel
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     out = _RingAttention.apply(_bhsd(query), key, value, steps, group, BLOCK_KERNELS.get(kernel), scale)
     return out.permute(2, 0, 1, 3)

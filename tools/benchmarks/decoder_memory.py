@@ -4,7 +4,7 @@ output head and loss) in forward + backward under context parallelism, CP=1/2/4,
     .venv/bin/python tools/benchmarks/decoder_memory.py --seq-length 65536
 
 Prints one JSON line. Memory is exact: the high-water mark of live tensor storages one
-training forward + backward allocates on each rank (tools/benchmarks/tensor_memory.py).
+training forward + backward allocates on each rank (LiveTensorBytes in tests/references.py).
 Parameters, their gradients (allocated before the step, as a gradient buffer would be) and
 the micro-batch are excluded: what remains is activations, saved tensors, communication
 buffers and temporaries. Also reported: the forward's peak, what it holds for the backward,
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 from tests.harness import run_distributed  # noqa: E402
-from tools.benchmarks.tensor_memory import MIB, LiveTensorBytes  # noqa: E402
+from tests.references import MIB, LiveTensorBytes  # noqa: E402
 
 
 def _rank_memory(cp_size: int, args: argparse.Namespace) -> dict:
@@ -43,16 +43,17 @@ def _rank_memory(cp_size: int, args: argparse.Namespace) -> dict:
     from megatron_longvita.models.heads import HeadConfig
     from megatron_longvita.parallel import split_batch_for_context_parallel
     from megatron_longvita.parallel.attention import packed_seq_params_for_context_parallel
-    from megatron_longvita.platform import initialize_distributed
+    from megatron_longvita.platform import initialize_distributed, setup_platform
 
     parallel = ParallelConfig(context_parallel_size=cp_size)
-    initialize_distributed(parallel)
+    platform = setup_platform()
+    initialize_distributed(parallel, platform=platform)
     config = DecoderConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
                            num_attention_heads=args.heads, num_query_groups=args.kv_heads, vocab_size=args.vocab,
                            max_position_embeddings=args.seq_length)
     torch.manual_seed(0)
     model = build_decoder(config, config.transformer_config(parallel), layer_spec="local_ring",
-                          head=HeadConfig(mode=args.head))
+                          head=HeadConfig(mode=args.head), platform=platform)
     generator = torch.Generator().manual_seed(1)
     length = args.seq_length
     batch = {"tokens": torch.randint(0, args.vocab, (1, length), generator=generator),

@@ -40,7 +40,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 from megatron_longvita.models.heads import OUTPUT_HEADS, OutputHead, VocabProjection  # noqa: E402
-from tools.benchmarks.tensor_memory import LiveTensorBytes  # noqa: E402
+from tests.references import LiveTensorBytes  # noqa: E402  (the tracker the head tests use)
 
 HEADS = ("full", "chunked", "masked")
 GIB = 2**30
@@ -61,11 +61,11 @@ class Step:
 def _init_tensor_parallel_group() -> None:
     """megatron's cross-entropy all-reduces over the TP group: a one-rank gloo world."""
     from megatron_longvita.config.parallel import ParallelConfig
-    from megatron_longvita.platform import initialize_distributed
+    from megatron_longvita.platform import initialize_distributed, setup_platform
     from tests.harness import free_port
 
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    initialize_distributed(ParallelConfig())
+    initialize_distributed(ParallelConfig(), platform=setup_platform())
 
 
 def _inputs(tokens: int, hidden: int, vocab: int, label_fraction: float, seed: int = 0):

@@ -5,7 +5,7 @@ balance (vs a contiguous split) and how much of the K/V ring traffic hides behin
 
 Prints one JSON line. Memory is exact: the high-water mark of live tensor storages one
 forward + backward allocates on each rank (q, k, v and the output gradient excluded; see
-tools/benchmarks/tensor_memory.py), also split into the forward's peak, what the forward
+LiveTensorBytes in tests/references.py), also split into the forward's peak, what the forward
 leaves for the backward (output and saved tensors) and the backward's peak; ``at_peak`` lists
 rank 0's live buffers at its high-water mark. On CPU all ranks share the machine's cores, so
 CP>1 times measure the algorithm's overheads, not a speed-up. ``--memory-only`` skips the timings.
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from megatron_longvita.parallel import BLOCK_KERNELS, plan_ring, ring_attention, zigzag_positions  # noqa: E402
 from megatron_longvita.parallel.ring import RingExchange  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
-from tools.benchmarks.tensor_memory import MIB, LiveTensorBytes  # noqa: E402
+from tests.references import MIB, LiveTensorBytes  # noqa: E402
 
 
 def causal_flops(q_positions: torch.Tensor, heads: int, head_dim: int) -> float:
@@ -68,12 +68,12 @@ def _timed(fn, iterations: int) -> float:
     return statistics.median(times)
 
 
-def _memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, group) -> dict:
+def _memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, group, kernel: str) -> dict:
     """Exact per-rank peaks of one forward + backward (inputs excluded), and the buffers at the peak."""
     tracker = LiveTensorBytes((q, k, v, dout), where=True)
     with tracker:
         tracker.phase = "forward"
-        out = ring_attention(q, k, v, group)
+        out = ring_attention(q, k, v, group, kernel=kernel)
         held = tracker.live
         tracker.phase = "backward"
         grads = torch.autograd.grad(out, (q, k, v), dout)
@@ -101,18 +101,18 @@ def _rank_benchmark(seq_length: int, heads: int, kv_heads: int, head_dim: int, i
     q, k, v = (torch.randn(local, 1, h, head_dim, generator=generator).to(device).requires_grad_()
                for h in (heads, kv_heads, kv_heads))
     dout = torch.randn(local, 1, heads, head_dim, generator=generator).to(device)
-    result = _memory(q, k, v, dout, group)  # also the warm-up (and the plan cache)
+    result = _memory(q, k, v, dout, group, platform.attention_kernel)  # also the warm-up (and the plan cache)
     if memory_only:
         if group is not None:
             dist.destroy_process_group()
         return result
 
     def step() -> None:
-        torch.autograd.grad(ring_attention(q, k, v, group), (q, k, v), dout)
+        torch.autograd.grad(ring_attention(q, k, v, group, kernel=platform.attention_kernel), (q, k, v), dout)
 
     def forward() -> None:
         with torch.no_grad():
-            ring_attention(q, k, v, group)
+            ring_attention(q, k, v, group, kernel=platform.attention_kernel)
 
     result["fwd_bwd_s"] = _timed(step, iterations)
     if world > 1:

@@ -18,7 +18,7 @@ function.
 Time: after a warm-up step each, ``--repeats`` steps of a and b interleaved (a, b, a, b, ...);
 the median per model, the ratio of medians and the spread (min, max) are reported, the
 slowest rank's. Memory: the exact high-water mark of live tensor storages a step allocates
-on a rank (tools/benchmarks/tensor_memory.py), measured on a step after the warm-up, every
+on a rank (LiveTensorBytes in tests/references.py), measured on a step after the warm-up, every
 tensor that existed before (weights, gradient buffers, optimizer states) excluded.
 
 MFU of (b): model FLOPs per step / TP / median step time, over the peak FLOP/s of a plain
@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 from tests.harness import run_distributed  # noqa: E402
-from tools.benchmarks.tensor_memory import MIB, LiveTensorBytes  # noqa: E402
+from tests.references import MIB, LiveTensorBytes  # noqa: E402
 
 
 def model_flops(args: argparse.Namespace, vocab: int) -> float:
@@ -84,11 +84,12 @@ def _rank_benchmark(tp: int, args: argparse.Namespace) -> dict:
     from megatron_longvita.config.parallel import ParallelConfig
     from megatron_longvita.models.decoder import DecoderConfig, build_decoder
     from megatron_longvita.models.heads import HeadConfig
-    from megatron_longvita.platform import initialize_distributed
+    from megatron_longvita.platform import initialize_distributed, setup_platform
     from megatron_longvita.training.loop import setup_training, train_step
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
-    initialize_distributed(parallel)
+    platform = setup_platform()
+    initialize_distributed(parallel, platform=platform)
     config = DecoderConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
                            num_attention_heads=args.heads, num_query_groups=args.kv_heads, vocab_size=args.vocab,
                            max_position_embeddings=args.seq_length)
@@ -101,7 +102,7 @@ def _rank_benchmark(tp: int, args: argparse.Namespace) -> dict:
                      share_embeddings_and_output_weights=False, position_embedding_type="rope",
                      rotary_base=int(config.rotary_base))
     ours = build_decoder(config, config.transformer_config(parallel), layer_spec="local_ring",
-                         head=HeadConfig(mode=args.head, chunk_size=args.chunk_size))
+                         head=HeadConfig(mode=args.head, chunk_size=args.chunk_size), platform=platform)
     ours.load_state_dict(plain.state_dict())
     optimizer = OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, clip_grad=1.0)
     states = {"a": setup_training([plain], optimizer), "b": setup_training([ours], optimizer)}
