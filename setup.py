@@ -19,6 +19,7 @@ setup(
         "tokenizers",
         "pillow",
         "av",
+        "pyarrow",  # parquet shards with embedded images (LLaVA-OneVision, LLaVA-ReCap, Docmatix)
         "sentencepiece",
         "psutil",  # dist_checkpointing's writer imports it at save time; without it the save hangs
         "tqdm",
@@ -28,7 +29,7 @@ setup(
         "prometheus_client",  # serve.py: /metrics
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers>=4.52", "openai"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.52", "openai", "ruff"],
         "gpu": ["transformer-engine[pytorch]"],
     },
 )

@@ -23,13 +23,13 @@ from megatron_longvita.checkpoint.dist import load_model, save_model
 from megatron_longvita.checkpoint.hf import HFCheckpoint, save_hf_checkpoint
 from megatron_longvita.checkpoint.mapping import mappings
 from megatron_longvita.checkpoint.model_config import load_model_config, save_model_config
-from megatron_longvita.config.parallel import ParallelConfig
+from megatron_longvita.config.parallel import ParallelConfig, add_parallel_arguments, parallel_config_from_args
 from megatron_longvita.models.decoder import DecoderConfig
 from megatron_longvita.models.long_vita import LongVitaModel, build_long_vita
 from megatron_longvita.models.presets import ModelConfig
 from megatron_longvita.models.projector import ProjectorConfig
 from megatron_longvita.models.vision import VisionConfig
-from megatron_longvita.platform import initialize_distributed
+from megatron_longvita.platform import initialize_distributed, setup_platform
 
 MODEL_TYPES = {"internvl": "internvl", "long_vita": "longvita", "qwen2": "qwen2", "intern_vit_6b": "internvit"}
 
@@ -118,7 +118,8 @@ def model_config_from_hf(checkpoint: HFCheckpoint, fmt: str, vision_checkpoint: 
                            image_token_id=hf["image_token_id"])
     if fmt == "qwen2":
         vision = (_vision_from_hf(vision_checkpoint.config, "internvit") if vision_checkpoint else VisionConfig())
-        # A text-only start: by default Qwen2.5's tokenizer + the Long-VITA tokens (SPEC 3), reference projector.
+        # A text-only start: by default Qwen2.5's tokenizer + the Long-VITA tokens (docs/design.md, "Token layout"),
+        # reference projector.
         token = {} if image_token_id is None else {"image_token_id": image_token_id}
         return ModelConfig(decoder=_decoder_from_hf(hf), vision=vision, projector=ProjectorConfig(bias=False), **token)
     raise ConversionError(f"cannot build a model from a {fmt!r} checkpoint alone; "
@@ -204,7 +205,7 @@ def _model_state(model: LongVitaModel) -> dict[str, torch.Tensor]:
 def _build_unsharded(config: ModelConfig, dtype: torch.dtype) -> LongVitaModel:
     # Local specs: the table uses their names, and torch_dist keys are the TE ones either way.
     return build_long_vita(config, ParallelConfig(), params_dtype=dtype, layer_spec="local",
-                           vision_layer_spec="local")
+                           vision_layer_spec="vision_local")
 
 
 def hf2mcore(hf_dir: str, save_dir: str, fmt: Optional[str] = None, vision_hf_dir: Optional[str] = None,
@@ -254,18 +255,21 @@ def main(argv: Optional[list[str]] = None) -> None:
                           help="InternViT checkpoint for the vision tower of a text-only qwen2 --hf-dir")
     to_mcore.add_argument("--image-token-id", type=int, default=None,
                           help="<IMG_CONTEXT> id for a qwen2 --hf-dir (default: stock Qwen2.5 + Long-VITA tokens)")
-    to_mcore.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1,
-                          help="check the model builds at this TP (torch_dist loads at any layout)")
-    to_mcore.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
+    add_parallel_arguments(to_mcore, ("tensor_model_parallel_size", "pipeline_model_parallel_size"),
+                           help={"tensor_model_parallel_size": "check the model builds at this layout "
+                                                               "(torch_dist loads at any layout)"})
     to_hf = commands.add_parser("mcore2hf", help="megatron-core torch_dist -> HF safetensors")
     to_hf.add_argument("--load-dir", required=True)
     to_hf.add_argument("--save-dir", required=True)
     to_hf.add_argument("--format", choices=("internvl", "longvita", "qwen2"), required=True)
     to_hf.add_argument("--max-shard-size-gb", type=float, default=5.0)
     args = parser.parse_args(argv)
+    setup_platform()
     try:
         if args.command == "hf2mcore":
-            hf2mcore(args.hf_dir, args.save_dir, args.format, args.vision_hf_dir, args.tp, args.pp, args.image_token_id)
+            parallel = parallel_config_from_args(args)
+            hf2mcore(args.hf_dir, args.save_dir, args.format, args.vision_hf_dir, parallel.tensor_model_parallel_size,
+                     parallel.pipeline_model_parallel_size, args.image_token_id)
         else:
             mcore2hf(args.load_dir, args.save_dir, args.format, int(args.max_shard_size_gb * 2**30))
     except ConversionError as error:

@@ -1,4 +1,4 @@
-"""ONE declarative HF <-> megatron-core table (SPEC section 8) and the named tensor transforms.
+"""ONE declarative HF <-> megatron-core table (docs/design.md, "Checkpoint names") and the named tensor transforms.
 
 Each row says which HF tensors make one megatron tensor and by which transform; both
 directions run from the same row. Megatron names are those of the unsharded (TP=1) local-spec

@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_longvita.registry import Registry
@@ -56,6 +57,27 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def merge_partial_attention(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine two partial attentions over disjoint keys (online softmax in log-sum-exp form):
+    out [..., d], lse [...]. A row with block_lse=-inf is left as is. Cached decoding merges its
+    CP ranks with it; the ring merges its steps with the in-place :func:`merge_partial_attention_`."""
+    weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
+    return out - weight * (out - block_out), lse - F.logsigmoid(lse - block_lse)
+
+
+def merge_partial_attention_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """:func:`merge_partial_attention` in place, into ``out`` and ``lse`` (views allowed): no new
+    tensors the size of ``out``, as the ring's accumulators need."""
+    weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
+    out.lerp_(block_out.to(out.dtype), weight)  # out + weight * (block_out - out)
+    lse.sub_(F.logsigmoid(lse - block_lse))
+
+
+def _covers(segments: Sequence[Segment], q: Tensor, k: Tensor) -> bool:
+    """One segment spanning the whole block."""
+    return len(segments) == 1 and segments[0] == Segment(0, q.shape[2], 0, k.shape[2])
+
+
 class SegmentLoopKernel:
     """Runs a dense per-segment primitive once per segment and scatters the results.
 
@@ -65,7 +87,12 @@ class SegmentLoopKernel:
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, segments: Sequence[Segment], causal: bool,
                 scale: float) -> tuple[Tensor, Tensor]:
-        out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+        if _covers(segments, q, k):  # the primitive's own outputs: no zero-filled copy to scatter into
+            out, lse = self._attend(q, k, v, causal, scale)
+            return out, lse.to(lse_dtype(q.dtype))
+        # [b, s, h, d] in memory, as ATen's flash kernels return it: the caller's [s, b, h * d] view needs no copy
+        batch, heads, length, _ = q.shape
+        out = q.new_zeros(batch, length, heads, v.shape[-1]).transpose(1, 2)
         lse = torch.full(q.shape[:-1], -math.inf, dtype=lse_dtype(q.dtype), device=q.device)
         for seg in segments:
             rows, cols = slice(seg.q_start, seg.q_end), slice(seg.k_start, seg.k_end)
@@ -75,6 +102,8 @@ class SegmentLoopKernel:
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  segments: Sequence[Segment], causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        if _covers(segments, q, k):
+            return self._attend_backward(dout, q, k, v, out, lse, causal, scale)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for seg in segments:  # documents are disjoint: every row/column is written at most once
             rows, cols = slice(seg.q_start, seg.q_end), slice(seg.k_start, seg.k_end)

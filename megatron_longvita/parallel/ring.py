@@ -23,13 +23,12 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_longvita.parallel.kernels import BLOCK_KERNELS, BlockKernel, Segment
+from megatron_longvita.parallel.kernels import BLOCK_KERNELS, BlockKernel, Segment, merge_partial_attention_
 from megatron_longvita.parallel.zigzag import ContextParallelLayoutError, zigzag_positions
 
-_KV_TAG, _DKV_TAG = 0, 1
+_KV_TAG, _DKV_TAG = 0, 2  # K and V (dK and dV) each take a tag
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def plan_ring(cp_size: int, cp_rank: int, local_length: int,
 
 
 class RingExchange:
-    """Sends a buffer to the next CP rank while receiving the previous rank's into another."""
+    """Sends tensors to the next CP rank while receiving the previous rank's into others (one tag each)."""
 
     def __init__(self, group: dist.ProcessGroup, tag: int) -> None:
         size, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -96,11 +95,12 @@ class RingExchange:
         self._group, self._tag = group, tag
         self._requests: list[dist.Work] = []
 
-    def start(self, send: Tensor, recv: Tensor) -> None:
-        self._requests = dist.batch_isend_irecv([
-            dist.P2POp(dist.isend, send, self._next, self._group, self._tag),
-            dist.P2POp(dist.irecv, recv, self._prev, self._group, self._tag),
-        ])
+    def start(self, send: Sequence[Tensor], recv: Sequence[Tensor]) -> None:
+        ops = []
+        for i, (outgoing, incoming) in enumerate(zip(send, recv, strict=True)):
+            ops += [dist.P2POp(dist.isend, outgoing, self._next, self._group, self._tag + i),
+                    dist.P2POp(dist.irecv, incoming, self._prev, self._group, self._tag + i)]
+        self._requests = dist.batch_isend_irecv(ops)
 
     def wait(self) -> None:
         for request in self._requests:
@@ -108,70 +108,133 @@ class RingExchange:
         self._requests = []
 
 
-def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
-    """Online softmax in log-sum-exp form; a block row with lse=-inf leaves the row as is."""
-    weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
-    return out - weight * (out - block_out), lse - F.logsigmoid(lse - block_lse)
+def _box(step: RingStep) -> tuple[slice, slice, tuple[Segment, ...]]:
+    """The rows and columns a step's segments span, and the segments relative to that box.
+
+    The kernel runs on the box only, so its outputs are the size of the work (half the rows or
+    columns off the diagonal) and are added into the accumulators' slices, never scattered
+    into a zero-filled block.
+    """
+    row0, row1 = min(seg.q_start for seg in step.segments), max(seg.q_end for seg in step.segments)
+    col0, col1 = min(seg.k_start for seg in step.segments), max(seg.k_end for seg in step.segments)
+    local = tuple(Segment(seg.q_start - row0, seg.q_end - row0, seg.k_start - col0, seg.k_end - col0)
+                  for seg in step.segments)
+    return slice(row0, row1), slice(col0, col1), local
 
 
-def _ring_forward(q: Tensor, kv: Tensor, steps: Sequence[RingStep], group: Optional[dist.ProcessGroup],
+def _bhsd(t: Tensor) -> Tensor:
+    return t.permute(1, 2, 0, 3)  # a view: [s, b, h, d] -> [b, h, s, d]
+
+
+def _sbhd(t: Tensor) -> Tensor:
+    return t.permute(2, 0, 1, 3)  # a view: [b, h, s, d] -> [s, b, h, d]
+
+
+def _on_the_wire(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` [s, b, h, d] as a dense tensor of ``dtype`` to send; ``t`` itself when it already is one."""
+    if t.is_contiguous() and t.dtype == dtype:
+        return t
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)  # one copy, whatever t's strides
+
+
+class _KeyValueRing:
+    """The K/V blocks of the ring steps, [s, b, hkv, d]: step 0 sends the inputs themselves.
+
+    Buffers are received into, never written otherwise: one at CP=2, two from CP=3 on (the
+    inputs must survive, they are saved for the backward; they are copied only when not dense).
+    """
+
+    def __init__(self, k: Tensor, v: Tensor, steps: int, group: Optional[dist.ProcessGroup]) -> None:
+        self._inputs = (k, v)
+        self._current = (k, v) if steps == 1 else (_on_the_wire(k, k.dtype), _on_the_wire(v, v.dtype))
+        self._steps = steps
+        self._exchange = RingExchange(group, _KV_TAG) if steps > 1 else None
+        self._spare: Optional[tuple[Tensor, Tensor]] = None
+        self._incoming: Optional[tuple[Tensor, Tensor]] = None
+
+    def block(self, i: int) -> tuple[Tensor, Tensor]:
+        """Step i's block; starts receiving step i + 1's."""
+        if i + 1 < self._steps:
+            self._incoming = self._spare or tuple(torch.empty_like(t) for t in self._current)
+            self._exchange.start(self._current, self._incoming)
+        return self._current
+
+    def advance(self, i: int) -> None:
+        """Waits for step i + 1's block; the block of step i becomes a receive buffer unless it is an input."""
+        if i + 1 < self._steps:
+            self._exchange.wait()
+            self._spare = None if self._current[0] is self._inputs[0] else self._current
+            self._current, self._incoming = self._incoming, None
+
+
+def _ring_forward(q: Tensor, k: Tensor, v: Tensor, steps: Sequence[RingStep], group: Optional[dist.ProcessGroup],
                   kernel: BlockKernel, scale: float) -> tuple[Tensor, Tensor]:
-    exchange = RingExchange(group, _KV_TAG) if len(steps) > 1 else None
-    buffers = (kv, torch.empty_like(kv))
+    """q [b, hq, s, d], k/v [s, b, hkv, d] -> out [b, hq, s, d] (lse dtype) and lse [b, hq, s]."""
+    ring = _KeyValueRing(k, v, len(steps), group)
     out = lse = None
     for i, step in enumerate(steps):
-        current = buffers[i % 2]
-        if i + 1 < len(steps):
-            exchange.start(current, buffers[(i + 1) % 2])
-        block_out, block_lse = kernel.forward(q, current[0], current[1], step.segments, step.causal, scale)
-        if out is None:  # step 0 is the diagonal block: every query sees itself, so lse is finite
-            out, lse = block_out.to(block_lse.dtype), block_lse
-        else:
-            out, lse = _merge(out, lse, block_out, block_lse)
-        if i + 1 < len(steps):
-            exchange.wait()
+        block_k, block_v = ring.block(i)
+        if step.segments:
+            rows, cols, segments = _box(step)
+            block_out, block_lse = kernel.forward(q[:, :, rows], _bhsd(block_k)[:, :, cols],
+                                                  _bhsd(block_v)[:, :, cols], segments, step.causal, scale)
+            if out is None:  # step 0 is the diagonal block: every query sees itself, so lse is finite
+                out, lse = block_out.to(block_lse.dtype), block_lse
+            else:
+                merge_partial_attention_(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+        ring.advance(i)
     return out, lse
 
 
-def _ring_backward(dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, steps: Sequence[RingStep],
-                   group: Optional[dist.ProcessGroup], kernel: BlockKernel, scale: float) -> tuple[Tensor, Tensor]:
-    ring = len(steps) > 1
-    kv_exchange = RingExchange(group, _KV_TAG) if ring else None
-    dkv_exchange = RingExchange(group, _DKV_TAG) if ring else None
-    kv_buffers = (kv, torch.empty_like(kv))
-    # the dK/dV accumulator of a block travels with it: zeros at home, partial sums after
-    dkv_buffers = (torch.zeros(kv.shape, dtype=lse.dtype, device=kv.device),
-                   torch.empty(kv.shape, dtype=lse.dtype, device=kv.device))
-    dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
-    dkv = dkv_buffers[0]
+def _ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   steps: Sequence[RingStep], group: Optional[dist.ProcessGroup], kernel: BlockKernel,
+                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """dq [b, hq, s, d] and dk, dv [s, b, hkv, d], in the lse dtype under CP (the kernel's at CP=1).
+
+    The dK/dV accumulator of a block travels with it: it starts as the diagonal step's block
+    gradients and arrives home, complete, after a full turn; two accumulators are live on a
+    rank (the one being added to and sent, the one being received).
+    """
+    ring = _KeyValueRing(k, v, len(steps), group)
+    dkv_exchange = RingExchange(group, _DKV_TAG) if len(steps) > 1 else None
+    dq = dkv = incoming = None
     for i, step in enumerate(steps):
-        current = kv_buffers[i % 2]
-        if i + 1 < len(steps):
-            kv_exchange.start(current, kv_buffers[(i + 1) % 2])
-        dq_block, dk_block, dv_block = kernel.backward(dout, q, current[0], current[1], out, lse,
-                                                       step.segments, step.causal, scale)
-        dq += dq_block
-        if i > 0:
+        block_k, block_v = ring.block(i)
+        if step.segments:
+            rows, cols, segments = _box(step)
+            dq_block, dk_block, dv_block = kernel.backward(
+                dout[:, :, rows], q[:, :, rows], _bhsd(block_k)[:, :, cols], _bhsd(block_v)[:, :, cols],
+                out[:, :, rows], lse[:, :, rows], segments, step.causal, scale)
+        if i == 0:  # the diagonal block: rows and columns cover the whole block
+            dq = dq_block.to(lse.dtype) if dkv_exchange else dq_block
+            dkv = (_sbhd(dk_block), _sbhd(dv_block))
+            if dkv_exchange:
+                dkv = tuple(_on_the_wire(t, lse.dtype) for t in dkv)
+        else:
+            if step.segments:
+                dq[:, :, rows] += dq_block
             dkv_exchange.wait()
-        dkv = dkv_buffers[i % 2]
-        dkv[0] += dk_block
-        dkv[1] += dv_block
-        if ring:
-            dkv_exchange.start(dkv, dkv_buffers[(i + 1) % 2])
-        if i + 1 < len(steps):
-            kv_exchange.wait()
-    if ring:  # the last hop brings each rank the full gradient of its own block
+            dkv, incoming = incoming, dkv
+            if step.segments:
+                _bhsd(dkv[0])[:, :, cols] += dk_block
+                _bhsd(dkv[1])[:, :, cols] += dv_block
+        dq_block = dk_block = dv_block = None
+        if dkv_exchange:  # the sent accumulator is received into next step (and home after the last)
+            incoming = incoming if incoming is not None else tuple(torch.empty_like(t) for t in dkv)
+            dkv_exchange.start(dkv, incoming)
+        ring.advance(i)
+    if dkv_exchange:  # the last hop brings each rank the full gradient of its own block
         dkv_exchange.wait()
-        dkv = dkv_buffers[len(steps) % 2]
-    return dq, dkv
+        dkv = incoming
+    return dq, dkv[0], dkv[1]
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, steps: tuple[RingStep, ...],
                 group: Optional[dist.ProcessGroup], kernel: BlockKernel, scale: float) -> Tensor:
-        # the kv ring buffers get overwritten from the third step on: keep k, v themselves
-        out, lse = _ring_forward(q, torch.stack([k, v]), steps, group, kernel, scale)
+        """q [b, hq, s, d], k/v [s, b, hkv, d]; the inputs are saved as they are (no copies)."""
+        out, lse = _ring_forward(q, k, v, steps, group, kernel, scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.steps, ctx.group, ctx.kernel, ctx.scale = steps, group, kernel, scale
@@ -180,20 +243,19 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dkv = _ring_backward(dout, q, torch.stack([k, v]), out, lse, ctx.steps, ctx.group,
-                                 ctx.kernel, ctx.scale)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.steps, ctx.group, ctx.kernel, ctx.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def ring_attention(query: Tensor, key: Tensor, value: Tensor, group: Optional[dist.ProcessGroup] = None, *,
-                   cu_seqlens: Optional[Tensor | Sequence[int]] = None, softmax_scale: Optional[float] = None,
-                   kernel: Optional[str] = None) -> Tensor:
+                   kernel: str, cu_seqlens: Optional[Tensor | Sequence[int]] = None,
+                   softmax_scale: Optional[float] = None) -> Tensor:
     """Causal attention of zigzag-split q/k/v over the CP ``group`` (None: no CP).
 
     query [s, b, hq, d], key/value [s, b, hkv, d] with hq a multiple of hkv, s = this rank's
     2 chunks. ``cu_seqlens``: global document boundaries of the padded sequence (reset
-    packing, b = 1); None means plain causal. ``kernel``: a BLOCK_KERNELS name, by default
-    the platform's. Returns [s, b, hq, d].
+    packing, b = 1); None means plain causal. ``kernel``: a BLOCK_KERNELS name, the
+    platform's ``attention_kernel`` in the model. Returns [s, b, hq, d].
     """
     cp_size = dist.get_world_size(group) if group is not None else 1
     cp_rank = dist.get_rank(group) if group is not None else 0
@@ -211,12 +273,6 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, group: Optional[di
             raise ValueError(f"packed documents (cu_seqlens) need micro-batch size 1, got {batch}")
         documents = tuple(cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else cu_seqlens)
     steps = plan_ring(cp_size, cp_rank, length, documents)
-    if kernel is None:
-        from megatron_longvita.platform import setup_platform
-
-        kernel = setup_platform().attention_kernel
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    to_bhsd = lambda t: t.permute(1, 2, 0, 3)  # noqa: E731  (a view: [s, b, h, d] -> [b, h, s, d])
-    out = _RingAttention.apply(to_bhsd(query), to_bhsd(key), to_bhsd(value), steps, group,
-                               BLOCK_KERNELS.get(kernel), scale)
+    out = _RingAttention.apply(_bhsd(query), key, value, steps, group, BLOCK_KERNELS.get(kernel), scale)
     return out.permute(2, 0, 1, 3)

@@ -22,9 +22,9 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_longvita.checkpoint.model_config import load_model_config
-from megatron_longvita.config.parallel import ParallelConfig
+from megatron_longvita.config.parallel import add_parallel_arguments, parallel_config_from_args
 from megatron_longvita.inference import ROPE_SCALING_KINDS, RopeScaling, load_engine
-from megatron_longvita.platform import destroy_distributed, initialize_distributed
+from megatron_longvita.platform import destroy_distributed, initialize_distributed, setup_platform
 from megatron_longvita.serve.ranks import ControlChannel, engine_loop
 
 logger = logging.getLogger("megatron_longvita.serve")
@@ -34,8 +34,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="torch_dist checkpoint (hf2mcore or training)")
     parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory (tokenizer.json)")
-    parser.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
-    parser.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=1)
+    # TP x CP only: the server's per-step agreement runs on the cached decode path (no PP)
+    add_parallel_arguments(parser, ("tensor_model_parallel_size", "context_parallel_size"))
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default="long-vita", help="the 'model' clients must name")
@@ -59,6 +59,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error("--rope-scaling and --rope-scaling-factor go together")
     if args.max_batch_size < 1:
         parser.error("--max-batch-size must be >= 1")
+    args.parallel = parallel_config_from_args(args)
     return args
 
 
@@ -97,8 +98,8 @@ def _start_http(args: argparse.Namespace, max_model_len: int, stopping: threadin
         time.sleep(0.05)
     if not server.started:
         raise SystemExit(f"the HTTP server could not start on {args.host}:{args.port} (see the log above)")
-    logger.info("serving %r on http://%s:%d (TP=%d, CP=%d)", args.served_model_name, args.host, args.port, args.tp,
-                args.cp)
+    logger.info("serving %r on http://%s:%d (TP=%d, CP=%d)", args.served_model_name, args.host, args.port,
+                args.parallel.tensor_model_parallel_size, args.parallel.context_parallel_size)
     return builder, scheduler, metrics, server, thread
 
 
@@ -109,11 +110,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    parallel = ParallelConfig(tensor_model_parallel_size=args.tp, context_parallel_size=args.cp)
+    parallel = args.parallel
+    platform = setup_platform()
     try:
-        initialize_distributed(parallel)
+        initialize_distributed(parallel, platform=platform)
         rope = RopeScaling(args.rope_scaling, args.rope_scaling_factor) if args.rope_scaling else None
-        engine = load_engine(args.load, parallel, rope)
+        engine = load_engine(args.load, parallel, rope, platform)
         channel = ControlChannel()
         model_config, _ = load_model_config(args.load)
         max_model_len = _max_model_len(args, model_config.decoder.max_position_embeddings)

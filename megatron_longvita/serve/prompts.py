@@ -15,7 +15,7 @@ from typing import Optional
 from megatron_longvita.data import ChatTokenizer, MediaConfig
 from megatron_longvita.data.prompt import build_inference_prompt
 from megatron_longvita.data.skips import BadSampleError
-from megatron_longvita.inference import Prompt
+from megatron_longvita.inference import GenerationRequest
 from megatron_longvita.serve.protocol import ChatRequest, Media, MediaBytes, RequestError
 
 
@@ -23,7 +23,7 @@ class PromptBuilder:
     def __init__(self, tokenizer: ChatTokenizer, media: MediaConfig, max_model_len: int) -> None:
         self.tokenizer, self.media, self.max_model_len = tokenizer, media, max_model_len
 
-    def build(self, request: ChatRequest) -> tuple[Prompt, int]:
+    def build(self, request: ChatRequest) -> tuple[GenerationRequest, int]:
         """(prompt, max new tokens); RequestError for undecodable media or too long a request."""
         media = self.media if request.max_num_frames is None else replace(self.media,
                                                                            max_num_frames=request.max_num_frames)
@@ -58,7 +58,7 @@ class PromptBuilder:
                                     f"request has {len(tokens)} prompt tokens (media included) and asks for "
                                     f"{max_tokens} new tokens", "max_tokens" if room >= 1 else "messages")
         pixel_values = built.pixel_values if len(built.pixel_values) else None
-        return Prompt(tokens, pixel_values), max_tokens
+        return GenerationRequest(tokens, pixel_values), max_tokens
 
 
 def default_max_model_len(model_max_positions: int, override: Optional[int]) -> int:

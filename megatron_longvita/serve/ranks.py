@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_longvita.inference import GenerationConfig, InferenceEngine, Prompt, SamplingConfig
+from megatron_longvita.inference import GenerationConfig, GenerationRequest, InferenceEngine, SamplingConfig
 from megatron_longvita.parallel.decode import wait_collective
 from megatron_longvita.serve.scheduler import Job, Scheduler
 
@@ -34,7 +34,7 @@ IDLE, SHUTDOWN = "idle", "shutdown"
 
 @dataclass
 class Batch:
-    prompts: list[Prompt]
+    prompts: list[GenerationRequest]
     config: GenerationConfig
 
 

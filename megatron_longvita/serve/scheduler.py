@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
-from megatron_longvita.inference import Prompt
+from megatron_longvita.inference import GenerationRequest
 from megatron_longvita.serve.protocol import Sampling
 
 
@@ -34,8 +34,8 @@ class Event:
 class Job:
     """One request's generation; token handling runs on the engine thread."""
 
-    def __init__(self, prompt: Prompt, max_tokens: int, sampling: Sampling, stop: tuple[str, ...], ignore_eos: bool,
-                 decode: Callable[[list[int]], str], eos_id: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, prompt: GenerationRequest, max_tokens: int, sampling: Sampling, stop: tuple[str, ...],
+                 ignore_eos: bool, decode: Callable[[list[int]], str], eos_id: int, loop: asyncio.AbstractEventLoop) -> None:
         self.prompt, self.max_tokens, self.sampling, self.stop = prompt, max_tokens, sampling, stop
         self.ignore_eos, self.decode, self.eos_id = ignore_eos, decode, eos_id
         self.loop = loop

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.platform import initialize_distributed
-from tests.distributed.test_model_parity import save_tiny_internvl
 from tests.harness import run_distributed
+from tests.references import save_tiny_internvl
 
 
 def convert(*commands: list[str]) -> None:
@@ -26,9 +26,9 @@ def convert(*commands: list[str]) -> None:
 
 def reshard(load_dir: str, save_dir: str, parallel: ParallelConfig) -> None:
     """Load the converted checkpoint at `parallel` and save it again from there."""
-    from megatron_longvita.checkpoint.model_config import load_model_config, save_model_config
     from megatron_longvita.checkpoint.dist import save_model
-    from megatron_longvita.generate import load_for_inference
+    from megatron_longvita.checkpoint.model_config import load_model_config, save_model_config
+    from megatron_longvita.inference import load_for_inference
 
     initialize_distributed(parallel)
     chunks, _ = load_for_inference(load_dir, parallel)
@@ -101,7 +101,7 @@ def test_internvl_round_trip_is_bit_exact_also_through_tp2_pp2(hf_dir, exported)
 
 def test_longvita_round_trip_is_bit_exact(exported) -> None:
     longvita = tensors(exported / "longvita")
-    assert "model.vision_model.encoder.layers.1.attn.qkv.weight" in longvita  # SPEC 8 names
+    assert "model.vision_model.encoder.layers.1.attn.qkv.weight" in longvita  # docs/design.md, "Checkpoint names"
     assert "model.vision_projection.mlp.2.weight" in longvita and "lm_head.weight" in longvita
     assert_identical(tensors(exported / "longvita_again"), longvita)
 

@@ -7,7 +7,7 @@ import asyncio
 import threading
 import time
 
-from megatron_longvita.inference import Prompt
+from megatron_longvita.inference import GenerationRequest
 from megatron_longvita.serve.protocol import Sampling
 from megatron_longvita.serve.scheduler import Job, Scheduler
 
@@ -20,7 +20,7 @@ def decode(ids: list[int]) -> str:
 
 def make_job(loop, max_tokens: int = 10, stop: tuple[str, ...] = (), sampling: Sampling = Sampling(0.0),
              ignore_eos: bool = False) -> Job:
-    return Job(Prompt([1, 2, 3]), max_tokens, sampling, stop, ignore_eos, decode, EOS, loop)
+    return Job(GenerationRequest([1, 2, 3]), max_tokens, sampling, stop, ignore_eos, decode, EOS, loop)
 
 
 def events(loop, job: Job) -> list[tuple[str, str, str | None]]:
