@@ -131,7 +131,8 @@ class InferenceEngine:
         self.pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
         if not self.attention or not (self.pipelined or (model.pre_process and model.post_process)):
             raise ConfigError("the engine needs this rank's model (the whole model without PP) built for "
-                              "purpose='inference' (cached ring attention) and with a head (HeadConfig); see load_engine")
+                              "purpose='inference' (cached ring attention) and with a head (HeadConfig); "
+                              "see load_engine")
         self.cp_group = parallel_state.get_context_parallel_group()
         self.cp_size, self.cp_rank = self.cp_group.size(), self.cp_group.rank()
         self.device = next(model.parameters()).device
