@@ -22,7 +22,7 @@ from megatron_longvita.config.parallel import ConfigError, ParallelConfig
 
 @dataclass(frozen=True)
 class ModelSection:
-    preset: str = "tiny"
+    preset: Optional[str] = None  # None: the model config of the checkpoint in --load / --save
     provider: str = "long_vita"
     freeze_vision: bool = False
     freeze_projector: bool = False
@@ -75,6 +75,7 @@ class CheckpointSection:
     load: Optional[str] = None
     save_interval: int = 0
     finetune: bool = False  # load weights only: fresh optimizer, scheduler and data (stage N -> N+1)
+    allow_unused_tensors: bool = False  # --load a checkpoint with tensors the model lacks: log each, not fail
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,9 @@ class TrainConfig:
         from megatron_longvita.models.presets import get_preset
 
         self.parallel.validate(world_size)
-        get_preset(self.model.preset).validate_parallel(self.parallel.tensor_model_parallel_size,
-                                                        self.parallel.pipeline_model_parallel_size)
+        if self.model.preset is not None:
+            get_preset(self.model.preset).validate_parallel(self.parallel.tensor_model_parallel_size,
+                                                            self.parallel.pipeline_model_parallel_size)
         cp = self.parallel.context_parallel_size
         if cp > 1 and self.data.seq_length % (2 * cp):
             raise ConfigError(f"--seq-length {self.data.seq_length} is not divisible by 2 x --context-parallel-size "
@@ -164,6 +166,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, str, type, Optional[str]]] = {
     "--load": _flag("checkpoint", "load", str),
     "--save-interval": _flag("checkpoint", "save_interval"),
     "--finetune": _flag("checkpoint", "finetune", bool, "store_true"),
+    "--allow-unused-tensors": _flag("checkpoint", "allow_unused_tensors", bool, "store_true"),
     "--recompute-num-layers": _flag("model", "recompute_num_layers"),
     "--vision-recompute-num-layers": _flag("model", "vision_recompute_num_layers"),
     "--lm-head": _flag("model", "lm_head", str),
