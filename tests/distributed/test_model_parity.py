@@ -20,8 +20,11 @@ from megatron_longvita.platform import initialize_distributed
 from tests.harness import run_distributed
 
 VOCAB = 300
-IMAGE_TOKEN = 280  # <IMG_CONTEXT>; <PATCH_CONTEXT> = IMAGE_TOKEN + 6 (SPEC 3 order)
-PATCH_TOKEN = IMAGE_TOKEN + 6
+# Its tokenizer: 278 tokens, then the 17 Long-VITA tokens (<IMG_CONTEXT> 280, <PATCH_CONTEXT> 286);
+# the converter finds them by their text.
+TOKENIZER_SIZE = 295
+IMAGE_TOKEN = 280
+PATCH_TOKEN = 286
 TOKENS_PER_TILE = 4
 STEPS = 8
 TOLERANCE = 1e-4
@@ -31,6 +34,11 @@ OTHER_TILES = torch.randn(2, 3, 84, 84, generator=torch.Generator().manual_seed(
 def save_tiny_internvl(directory: str) -> None:
     """Random (not default-initialised: zeros and constant layer scales would hide mistakes) weights."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    from megatron_longvita.config.tokens import SPECIAL_TOKENS
+    from tests.hf_checkpoints import qwen_style_tokenizer
+
+    qwen_style_tokenizer(directory, TOKENIZER_SIZE, SPECIAL_TOKENS)
 
     config = InternVLConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
