@@ -279,7 +279,9 @@ class Qwen2Format(CheckpointFormat):
 
     def read_config(self, checkpoint, tokenizer, vision=None):
         decoder = qwen2_text_from_hf("config", checkpoint.config)
-        vision_config = internvit_from_hf(f"{vision.directory}/config.json", vision.config) if vision else VisionConfig()
+        vision_config = VisionConfig()  # without an InternViT checkpoint: InternViT-300M, freshly initialised
+        if vision is not None:
+            vision_config = internvit_from_hf(f"{vision.directory}/config.json", vision.config)
         projector = ProjectorConfig(bias=False, ffn_hidden_size=vision_config.hidden_size)
         return ModelConfig(decoder=decoder, vision=vision_config, projector=projector,
                            **longvita_tokens(tokenizer, decoder.vocab_size))
