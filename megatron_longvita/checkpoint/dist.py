@@ -72,7 +72,7 @@ def _model_tensor_mismatch(parts: tuple[str, ...], not_loaded: set[str], not_fou
     if unused and not allow_unused:
         raise CheckpointMismatch(f"{checkpoint_dir} has {len(unused)} tensor(s) the model does not use: "
                                  f"{', '.join(unused)} (the model config disagrees with the weights; "
-                                 "--allow-unused-tensors loads anyway and logs each)")
+                                 "train --allow-unused-tensors loads anyway and logs each)")
     for key in unused:
         logger.warning("%s: tensor %s is not used by this model (--allow-unused-tensors)", checkpoint_dir, key)
 

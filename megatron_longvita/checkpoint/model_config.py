@@ -11,6 +11,7 @@ from typing import Optional, Union
 import torch
 
 from megatron_longvita.checkpoint.tokenizer import HFTokenizer
+from megatron_longvita.config.tokens import SPECIAL_TOKENS
 from megatron_longvita.models.presets import ModelConfig
 
 CONFIG_FILE = "longvita_config.json"
@@ -19,12 +20,15 @@ TOKENIZER_DIR = "tokenizer"
 
 def save_model_config(directory: str, config: ModelConfig, dtype: torch.dtype,
                       tokenizer: Optional[Union[HFTokenizer, str]] = None) -> None:
-    """The sidecar, and under `tokenizer/` the tokenizer files (a tokenizer or its directory)."""
+    """The sidecar, and under `tokenizer/` the tokenizer files: a tokenizer, or the directory of a
+    training tokenizer, to which the Long-VITA tokens are appended as the data pipeline does on load."""
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump({"model": dataclasses.asdict(config), "params_dtype": str(dtype).removeprefix("torch.")}, f,
                   indent=2)
     if tokenizer is not None:
-        tokenizer = HFTokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        if isinstance(tokenizer, str):
+            tokenizer = HFTokenizer(tokenizer)
+            tokenizer.append_special_tokens(SPECIAL_TOKENS, config.decoder.vocab_size)
         tokenizer.save(os.path.join(directory, TOKENIZER_DIR))
 
 
