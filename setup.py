@@ -19,13 +19,14 @@ setup(
         "tokenizers",
         "pillow",
         "av",
+        "pyarrow",  # parquet shards with embedded images (LLaVA-OneVision, LLaVA-ReCap, Docmatix)
         "sentencepiece",
         "psutil",  # dist_checkpointing's writer imports it at save time; without it the save hangs
         "tqdm",
         "tensorboard",  # train.py --tensorboard-dir
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers>=4.52"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.52", "ruff"],
         "gpu": ["transformer-engine[pytorch]"],
     },
 )

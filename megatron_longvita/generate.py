@@ -2,8 +2,8 @@
 
 At TP x CP the engine prefills once (vision tower included) and decodes over a KV cache
 sharded across the CP ranks; ``--decode-mode fixed-length`` re-runs the whole fixed-length
-forward per token instead (the paper's method, for comparison). With ``--pp > 1`` the
-prompt is re-run whole per token through the pipeline schedule (greedy only).
+forward per token instead (the paper's method, for comparison). With ``--pp > 1`` (no CP)
+fixed-length is the mode, each forward running through the pipeline schedule.
 
     torchrun --nproc_per_node 4 -m megatron_longvita.generate --load CKPT --tp 2 --cp 2 \\
         --tokenizer TOK --prompt "Describe the image." --image a.jpg --max-new-tokens 64 --stream
@@ -28,75 +28,28 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import MegatronModule
 
 from megatron_longvita.checkpoint.model_config import load_model_config
-from megatron_longvita.config.parallel import ParallelConfig
+from megatron_longvita.config.parallel import add_parallel_arguments, parallel_config_from_args
 from megatron_longvita.inference import (
     DECODE_MODES,
     ROPE_SCALING_KINDS,
-    Generation,
     GenerationConfig,
-    Prompt,
+    GenerationRequest,
     RopeScaling,
     SamplingConfig,
     load_engine,
-    load_for_inference,
 )
-from megatron_longvita.models.long_vita import gather_logits
-from megatron_longvita.platform import destroy_distributed, initialize_distributed
+from megatron_longvita.platform import destroy_distributed, initialize_distributed, setup_platform
 
-__all__ = ["greedy_generate", "last_position_logits", "load_for_inference", "main"]
-
-
-def last_position_logits(chunks: list[MegatronModule], input_ids: torch.Tensor,
-                         pixel_values: Optional[torch.Tensor], vocab_size: int) -> torch.Tensor:
-    """Logits [vocab] (on the CPU) at the last position of one sequence [1, s], identical on every rank."""
-    seq_length, device = input_ids.shape[1], next(chunks[0].parameters()).device
-    batch = {"tokens": input_ids.to(device), "position_ids": torch.arange(seq_length, device=device).unsqueeze(0),
-             "pixel_values": None if pixel_values is None else pixel_values.to(device)}
-
-    def forward_step(data_iterator, model):
-        data = next(data_iterator)
-        return model(data["tokens"], data["position_ids"], None, pixel_values=data["pixel_values"]), None
-
-    with torch.no_grad():
-        outputs = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]),
-                                              model=chunks, num_microbatches=1, seq_length=seq_length,
-                                              micro_batch_size=1, forward_only=True)
-    logits = torch.empty(vocab_size, dtype=torch.float32, device=device)
-    if parallel_state.is_pipeline_last_stage():
-        logits = gather_logits(outputs[0][0, -1], vocab_size).float()
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(logits, parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
-    return logits.cpu()
-
-
-def greedy_generate(chunks: list[MegatronModule], input_ids: list[int], pixel_values: Optional[torch.Tensor],
-                    max_new_tokens: int, vocab_size: int, eos_id: Optional[int] = None) -> Generation:
-    tokens = list(input_ids)
-    generated: list[int] = []
-    first_logits = None
-    for _ in range(max_new_tokens):
-        logits = last_position_logits(chunks, torch.tensor([tokens]), pixel_values, vocab_size)
-        first_logits = logits if first_logits is None else first_logits
-        next_id = int(logits.argmax())
-        generated.append(next_id)
-        tokens.append(next_id)
-        if next_id == eos_id:
-            break
-    return Generation(generated, first_logits)
+__all__ = ["main"]
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="torch_dist checkpoint written by hf2mcore (or training)")
-    parser.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
-    parser.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
-    parser.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=1)
+    add_parallel_arguments(parser, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                    "context_parallel_size"))
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--input-ids-file", help="JSON list of expanded prompt token ids")
     prompt.add_argument("--prompt", help="user message, put through the chat template (needs --tokenizer)")
@@ -107,8 +60,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--video", action="append", default=[], help="video file or frame directory; repeatable")
     parser.add_argument("--max-num-frames", type=int, default=None, help="frames sampled per video")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="cached",
-                        help="cached: KV cache sharded over CP; fixed-length: the paper's re-prefill per token")
+    parser.add_argument("--decode-mode", choices=DECODE_MODES, default=None,
+                        help="cached (default; KV cache sharded over CP) or fixed-length (the paper's re-prefill "
+                             "per token; the default and only mode with --pp > 1)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (the default; overrides sampling)")
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0 samples; 0 is greedy")
     parser.add_argument("--top-k", type=int, default=0)
@@ -129,22 +83,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error("--image / --video go with --prompt; with --input-ids-file pass --pixel-values-file")
     if (args.rope_scaling is None) != (args.rope_scaling_factor is None):
         parser.error("--rope-scaling and --rope-scaling-factor go together")
-    if args.pp > 1 and (args.cp > 1 or args.temperature > 0 or args.rope_scaling or args.decode_mode != "cached"):
-        parser.error("with --pp > 1 only greedy full re-forward decoding is available: use --pp 1 for --cp, "
-                     "sampling, --rope-scaling and --decode-mode")
+    args.parallel = parallel_config_from_args(args)
+    pipelined = args.parallel.pipeline_model_parallel_size > 1
+    if args.decode_mode is None:
+        args.decode_mode = "fixed-length" if pipelined else "cached"
+    if pipelined and (args.parallel.context_parallel_size > 1 or args.rope_scaling or args.decode_mode == "cached"):
+        parser.error("with --pp > 1 decoding is fixed-length through the pipeline: use --pp 1 for --cp, "
+                     "--rope-scaling and --decode-mode cached")
     return args
 
 
 def build_prompt(args: argparse.Namespace):
-    """(Prompt, ChatTokenizer or None) from the ids file or the chat template."""
+    """(GenerationRequest, ChatTokenizer or None) from the ids file or the chat template."""
     if args.input_ids_file is not None:
         with open(args.input_ids_file) as f:
             ids = json.load(f)
         pixel_values = torch.from_numpy(np.load(args.pixel_values_file)) if args.pixel_values_file else None
-        return Prompt(ids, pixel_values), None
+        return GenerationRequest(ids, pixel_values), None
+    from megatron_longvita.config.tokens import CONTEXT_TOKENS, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
     from megatron_longvita.data import ChatTokenizer, MediaConfig
     from megatron_longvita.data.prompt import build_inference_prompt
-    from megatron_longvita.config.tokens import CONTEXT_TOKENS, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
     tokenizer = ChatTokenizer.from_dir(args.tokenizer)
     model_config, _ = load_model_config(args.load)
@@ -162,7 +120,7 @@ def build_prompt(args: argparse.Namespace):
         {"role": "user", "content": text}]
     built = build_inference_prompt(messages, tokenizer, media, images=args.image, videos=args.video)
     pixel_values = built.pixel_values if len(built.pixel_values) else None
-    return Prompt(built.tokens[0].tolist(), pixel_values), tokenizer
+    return GenerationRequest(built.tokens[0].tolist(), pixel_values), tokenizer
 
 
 class TextStream:
@@ -191,28 +149,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     prompt, tokenizer = build_prompt(args)
     stop_ids = tuple(args.stop_ids) + ((tokenizer.ids["<|im_end|>"],) if tokenizer is not None else ())
-    parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                              context_parallel_size=args.cp)
+    platform = setup_platform()
     try:
-        initialize_distributed(parallel)
-        if args.pp > 1:
-            chunks, vocab_size = load_for_inference(args.load, parallel)
-            result = greedy_generate(chunks, prompt.tokens, prompt.pixel_values, args.max_new_tokens, vocab_size,
-                                     stop_ids[0] if stop_ids else None)
-        else:
-            rope = (RopeScaling(args.rope_scaling, args.rope_scaling_factor,
-                                args.rope_original_max_position_embeddings) if args.rope_scaling else None)
-            engine = load_engine(args.load, parallel, rope)
-            sampling = SamplingConfig(0.0 if args.greedy else args.temperature, args.top_k, args.top_p, args.seed)
-            config = GenerationConfig(args.max_new_tokens, sampling, stop_ids, args.decode_mode,
-                                      tokenizer.pad_id if tokenizer is not None else 0)
-            stream = TextStream(tokenizer, stop_ids) if args.stream and dist.get_rank() == 0 else None
-            [result] = engine.generate([prompt], config, on_tokens=stream)
-            if stream is not None:
-                print(flush=True)
-            if dist.get_rank() == 0:
-                print(f"prefill {engine.timing.prefill_s:.3f} s, decode {engine.timing.per_token_s * 1e3:.2f} "
-                      f"ms/token ({args.decode_mode})", file=sys.stderr)
+        initialize_distributed(args.parallel, platform=platform)
+        rope = (RopeScaling(args.rope_scaling, args.rope_scaling_factor, args.rope_original_max_position_embeddings)
+                if args.rope_scaling else None)
+        engine = load_engine(args.load, args.parallel, rope, platform)
+        sampling = SamplingConfig(0.0 if args.greedy else args.temperature, args.top_k, args.top_p, args.seed)
+        config = GenerationConfig(args.max_new_tokens, sampling, stop_ids, args.decode_mode,
+                                  tokenizer.pad_id if tokenizer is not None else 0)
+        stream = TextStream(tokenizer, stop_ids) if args.stream and dist.get_rank() == 0 else None
+        [result] = engine.generate([prompt], config, on_tokens=stream)
+        if stream is not None:
+            print(flush=True)
+        if dist.get_rank() == 0:
+            print(f"prefill {engine.timing.prefill_s:.3f} s, decode {engine.timing.per_token_s * 1e3:.2f} "
+                  f"ms/token ({args.decode_mode})", file=sys.stderr)
         if dist.get_rank() == 0 and args.output:
             output = {"generated_ids": result.tokens, "first_logits": result.first_logits.tolist()}
             if tokenizer is not None:

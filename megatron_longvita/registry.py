@@ -1,16 +1,23 @@
 """Named builders that make megatron-longvita a plugin.
 
 A registry is a dict, a decorator and a lookup with a good error. Configs name their
-choices (model provider, packing sampler, attention kernel, output head, checkpoint
-format, platform patch set) by these names. Third-party packages register through the
-``megatron_longvita.plugins`` entry-point group: each entry point names a module that is
-imported once, and its decorators do the registering.
+choices (model preset and provider, packing layout, bin packer, record format, attention
+block kernel, layer spec, output head) by these names, and validation looks the names up
+here, so whatever a plugin registers is accepted like a built-in. Third-party packages
+register through the ``megatron_longvita.plugins`` entry-point group: each entry point
+names a module that is imported once, and its decorators do the registering.
+
+The registries a config names live in this module (the lowest layer, so the config layer
+can validate against them); each names the module holding its built-ins, imported on the
+first lookup, and the built-ins register there with the decorator.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Iterator
 from importlib import metadata
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Any, Generic, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -25,9 +32,15 @@ class UnknownNameError(KeyError):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, builtins: Optional[str] = None) -> None:
         self.kind = kind
+        self.builtins = builtins  # module registering the built-in members, imported on first lookup
         self._items: dict[str, T] = {}
+
+    def _load(self) -> None:
+        if self.builtins is not None:
+            importlib.import_module(self.builtins)
+        load_plugins()
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(item: T) -> T:
@@ -40,7 +53,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
-            load_plugins()
+            self._load()
         try:
             return self._items[name]
         except KeyError:
@@ -48,10 +61,12 @@ class Registry(Generic[T]):
             raise UnknownNameError(f"unknown {self.kind} {name!r}; registered: {known}") from None
 
     def names(self) -> list[str]:
-        load_plugins()
+        self._load()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        if name not in self._items:
+            self._load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
@@ -69,3 +84,12 @@ def load_plugins() -> None:
     _plugins_loaded = True
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
         entry_point.load()
+
+
+# How a packed row is laid out for attention: (sample lengths, seq_length) -> (position ids,
+# cu_seqlens or None). Config: data.packing.
+PACKING_LAYOUTS: Registry[Callable[..., Any]] = Registry("packing layout", "megatron_longvita.data.packing")
+# Which samples share a row: (sample lengths, capacity) -> rows of sample indices. Config: data.bin_packer.
+BIN_PACKERS: Registry[Callable[..., Any]] = Registry("bin packer", "megatron_longvita.data.packing")
+# Output head classes (models/heads.py OutputHead), built with the chunk size. Config: model.lm_head.
+OUTPUT_HEADS: Registry[type] = Registry("output head", "megatron_longvita.models.heads")

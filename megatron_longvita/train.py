@@ -22,22 +22,32 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig, ParamKey
 
+from megatron_longvita.checkpoint.dist import (
+    latest_checkpoint_dir,
+    load_model,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from megatron_longvita.checkpoint.model_config import has_model_config, load_model_config, save_model_config
-from megatron_longvita.checkpoint.dist import (latest_checkpoint_dir, load_model, load_training_checkpoint,
-                                               save_training_checkpoint)
 from megatron_longvita.config.parallel import ConfigError
 from megatron_longvita.config.tokens import CONTEXT_TOKENS
 from megatron_longvita.config.train import TrainConfig, parse_args
-from megatron_longvita.data import DataConfig, MediaConfig, build_data_loader
+from megatron_longvita.data import build_data_loader
 from megatron_longvita.data.distribute import BroadcastLoader
 from megatron_longvita.models.heads import HeadConfig
 from megatron_longvita.models.long_vita import MODEL_PROVIDERS
 from megatron_longvita.models.presets import ModelConfig, get_preset
 from megatron_longvita.parallel import split_batch_for_context_parallel
 from megatron_longvita.parallel.attention import packed_seq_params_for_context_parallel
-from megatron_longvita.platform import destroy_distributed, initialize_distributed, setup_platform
-from megatron_longvita.training.loop import (ScheduleConfig, TrainState, build_model_chunks, is_logging_rank,
-                                             masked_loss, setup_training, train_step)
+from megatron_longvita.platform import Platform, destroy_distributed, initialize_distributed, setup_platform
+from megatron_longvita.training.loop import (
+    TrainState,
+    build_model_chunks,
+    is_logging_rank,
+    masked_loss,
+    setup_training,
+    train_step,
+)
 
 logger = logging.getLogger("megatron_longvita.train")
 
@@ -132,32 +142,21 @@ def make_forward_step(config: TrainConfig):
     return forward_step
 
 
-def build_loader(config: TrainConfig, model: ModelConfig) -> BroadcastLoader:
+def build_loader(config: TrainConfig, model: ModelConfig, platform: Platform) -> BroadcastLoader:
     """This rank's micro-batches, on its device: loaded by the first rank of its TP x CP group
     and broadcast to the others."""
-    data = config.data
-    if not data.mixture or not data.tokenizer:
-        raise ConfigError("set the data mixture (data.mixture / --data-path) and the tokenizer "
-                          "(data.tokenizer / --tokenizer-model)")
-    media = MediaConfig.from_model_config(model, max_tiles=data.max_tiles, max_num_frames=data.max_num_frames)
-    data_config = DataConfig(
-        mixture=data.mixture, tokenizer_dir=data.tokenizer, seq_length=data.seq_length, packing=data.packing,
-        micro_batch_size=data.micro_batch_size, seed=config.seed, dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=parallel_state.get_data_parallel_world_size(), num_workers=data.num_workers, strict=data.strict,
-        media_root=data.media_root, media=media)
+    data_config = config.data.for_rank(model, seed=config.seed, dp_rank=parallel_state.get_data_parallel_rank(),
+                                       dp_size=parallel_state.get_data_parallel_world_size())
     return BroadcastLoader(functools.partial(build_data_loader, data_config),
-                           parallel_state.get_tensor_and_context_parallel_group(), setup_platform().local_device())
+                           parallel_state.get_tensor_and_context_parallel_group(), platform.local_device())
 
 
-def setup(config: TrainConfig, model: ModelConfig) -> TrainState:
-    platform = setup_platform()
+def setup(config: TrainConfig, model: ModelConfig, platform: Platform) -> TrainState:
     dtype = config.params_dtype
-    # reset packing keeps documents apart: the local spec's attention cannot, ring attention can (CP=1 too)
-    layer_spec = "local_ring" if config.data.packing == "reset" and not platform.transformer_engine else None
     provider = MODEL_PROVIDERS.get(config.model.provider)(
         model, config.parallel, params_dtype=dtype, recompute_language_layers=config.model.recompute_num_layers,
-        recompute_vision_layers=config.model.vision_recompute_num_layers, layer_spec=layer_spec,
-        head=head_config(config))
+        recompute_vision_layers=config.model.vision_recompute_num_layers, platform=platform,
+        packed_documents=config.data.packing == "reset", head=head_config(config))
     chunks = build_model_chunks(provider)
     for chunk in chunks:
         chunk.freeze(vision=config.model.freeze_vision, projector=config.model.freeze_projector,
@@ -167,9 +166,7 @@ def setup(config: TrainConfig, model: ModelConfig) -> TrainState:
         optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, clip_grad=optim.clip_grad, bf16=config.bf16,
         params_dtype=dtype, use_distributed_optimizer=optim.use_distributed_optimizer)
-    schedule = ScheduleConfig(config.schedule.train_iters, config.schedule.lr_warmup_fraction,
-                              config.schedule.lr_decay_style)
-    return setup_training(chunks, optimizer_config, schedule=schedule,
+    return setup_training(chunks, optimizer_config, schedule=config.schedule,
                           config_overrides=vision_lr_overrides(config, model) or None)
 
 
@@ -195,14 +192,20 @@ def _restore(config: TrainConfig, state: TrainState, loader) -> int:
 
 
 def prepare(config: TrainConfig) -> tuple[TrainState, object, ModelConfig]:
-    """Validate, initialise the process groups, build model + optimizer and this rank's data."""
-    config.validate(int(os.environ.get("WORLD_SIZE", "1")))
-    initialize_distributed(config.parallel, seed=config.seed)
+    """Validate, apply the platform's patches, initialise the process groups, build model +
+    optimizer and this rank's data."""
+    preset = config.model.preset
+    config.validate(int(os.environ.get("WORLD_SIZE", "1")), get_preset(preset) if preset is not None else None)
+    if not config.data.mixture or not config.data.tokenizer:
+        raise ConfigError("set the data mixture (data.mixture / --data-path) and the tokenizer "
+                          "(data.tokenizer / --tokenizer-model)")
+    platform = setup_platform()
+    initialize_distributed(config.parallel, seed=config.seed, platform=platform)
     from megatron_longvita.data import ChatTokenizer
 
     model = resolve_model(config, ChatTokenizer.from_dir(config.data.tokenizer))
     model.validate_parallel(config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size)
-    return setup(config, model), build_loader(config, model), model
+    return setup(config, model, platform), build_loader(config, model, platform), model
 
 
 def train(config: TrainConfig) -> list[float]:

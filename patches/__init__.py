@@ -3,163 +3,46 @@
 Every patch is a declared unit: the dotted target it replaces, a factory that builds the
 replacement from the original, a one-line reason, the platforms it applies to and the
 version range of the patched distribution it was verified against. Nothing else in
-megatron-longvita monkey-patches anything.
+megatron-longvita monkey-patches anything. Private upstream API that we override or mirror
+without patching it is declared alongside, as upstream contracts (:mod:`.contracts`).
 
 Installed as ``megatron_longvita.patches`` (see setup.py); ``python -m
-megatron_longvita.patches`` lists the patches in force on this platform.
+megatron_longvita.patches`` lists the patches and contracts in force on this platform.
+Patches are applied once per process, by the entry points (``platform.setup_platform``).
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-import sys
-from dataclasses import dataclass, field
-from importlib import metadata
-from typing import Any, Callable
+from . import cpu, npu  # noqa: F401  (importing a patch set declares its patches)
+from .core import (PLATFORMS, AppliedPatch, Patch, PatchTargetError, PatchVersionError, apply, applied,
+                   check_version, declared, installed_version, register)
+from .core import _APPLIED
 
-from packaging.specifiers import SpecifierSet
-from packaging.version import Version
+__all__ = ["PLATFORMS", "AppliedPatch", "Patch", "PatchTargetError", "PatchVersionError", "apply", "applied",
+           "apply_platform_patches", "check_version", "declared", "installed_version", "is_applied", "register"]
 
-logger = logging.getLogger(__name__)
-
-PLATFORMS = ("cpu", "cuda", "npu")
+_applied_platforms: set[str] = set()
 
 
-class PatchVersionError(RuntimeError):
-    """The installed version of a patched distribution is outside the verified range."""
-
-
-class PatchTargetError(RuntimeError):
-    """A patch target does not exist (the upstream code moved or was renamed)."""
-
-
-@dataclass(frozen=True)
-class Patch:
-    name: str
-    target: str  # dotted path: "package.module.attr" or "package.module.Class.method"
-    make_replacement: Callable[[Any], Any]  # original -> replacement
-    reason: str
-    platforms: tuple[str, ...]
-    versions: str  # PEP 440 specifier of `distribution` this patch was verified against
-    distribution: str = "megatron-core"
-
-    def __post_init__(self) -> None:
-        unknown = set(self.platforms) - set(PLATFORMS)
-        if unknown:
-            raise ValueError(f"patch {self.name!r}: unknown platforms {sorted(unknown)}")
-
-
-@dataclass
-class AppliedPatch:
-    patch: Patch
-    original: Any
-    replacement: Any
-    rebound_in: list[str] = field(default_factory=list)  # modules whose `from x import f` copy was rebound
-
-
-_REGISTRY: dict[str, Patch] = {}
-_APPLIED: dict[str, AppliedPatch] = {}
-
-
-def register(patch: Patch) -> Patch:
-    if patch.name in _REGISTRY and _REGISTRY[patch.name] != patch:
-        raise ValueError(f"patch {patch.name!r} is declared twice")
-    _REGISTRY[patch.name] = patch
-    return patch
-
-
-def declared(platform: str) -> list[Patch]:
-    """Patches declared for `platform`, in declaration order."""
-    _import_patch_sets()
-    return [p for p in _REGISTRY.values() if platform in p.platforms]
-
-
-def applied() -> list[AppliedPatch]:
-    return list(_APPLIED.values())
-
-
-def _import_patch_sets() -> None:
-    # Importing a patch-set module declares its patches; it must not import the patched
-    # packages (NPU stacks in particular are imported lazily, at apply time).
-    for module in ("cpu", "npu"):
-        importlib.import_module(f"{__name__}.{module}")
-
-
-def installed_version(distribution: str) -> Version | None:
-    try:
-        return Version(metadata.version(distribution))
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def check_version(patch: Patch) -> None:
-    version = installed_version(patch.distribution)
-    if version is None or version not in SpecifierSet(patch.versions):
-        raise PatchVersionError(
-            f"patch {patch.name!r} targets {patch.distribution}{patch.versions} but "
-            f"{patch.distribution} {version or 'is not installed'} is; re-verify the patch "
-            f"({patch.target}: {patch.reason}) and widen its version range"
-        )
-
-
-def _resolve(target: str) -> tuple[Any, str]:
-    """Import the longest importable module prefix of `target`; return (owner, attribute)."""
-    parts = target.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:split])
-        try:
-            owner: Any = importlib.import_module(module_name)
-        except ModuleNotFoundError:
-            continue
-        try:
-            for attr in parts[split:-1]:
-                owner = getattr(owner, attr)
-            getattr(owner, parts[-1])
-        except AttributeError as error:
-            raise PatchTargetError(f"patch target {target!r} not found: {error}") from None
-        return owner, parts[-1]
-    raise PatchTargetError(f"patch target {target!r}: no importable module prefix")
-
-
-def apply(patch: Patch) -> AppliedPatch:
-    """Apply one patch; applying it again is a no-op."""
-    if patch.name in _APPLIED:
-        return _APPLIED[patch.name]
-    check_version(patch)
-    owner, attr = _resolve(patch.target)
-    original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
-    replacement = patch.make_replacement(original)
-    setattr(owner, attr, replacement)
-    record = AppliedPatch(patch, original, replacement)
-    if not isinstance(owner, type):
-        # `from module import function` made copies; rebind the ones already imported.
-        package = patch.target.split(".")[0]
-        for name, module in list(sys.modules.items()):
-            if module is None or module is owner or not name.startswith(package):
-                continue
-            if getattr(module, attr, None) is original:
-                setattr(module, attr, replacement)
-                record.rebound_in.append(name)
-    _APPLIED[patch.name] = record
-    logger.debug("applied patch %s -> %s", patch.name, patch.target)
-    return record
+def is_applied(platform: str) -> bool:
+    """Whether this process applied `platform`'s patch set (an entry point's setup_platform did)."""
+    return platform in _applied_platforms
 
 
 def apply_platform_patches(platform: str) -> list[AppliedPatch]:
     """Apply every patch declared for `platform` (idempotent)."""
     if platform not in PLATFORMS:
         raise ValueError(f"unknown platform {platform!r}; known: {', '.join(PLATFORMS)}")
-    _import_patch_sets()
     patches = declared(platform)
     for patch in patches:  # fail fast on versions before touching anything
         check_version(patch)
     if platform == "npu":
-        from . import npu
-
         # Always routed: importing MindSpeed's adaptor is what adapts megatron to torch_npu.
         pending = [patch for patch in patches if patch.name not in _APPLIED]
         for record in npu.apply_through_mindspeed(pending):
             _APPLIED[record.patch.name] = record
-        return [_APPLIED[patch.name] for patch in patches]
-    return [apply(patch) for patch in patches]
+        records = [_APPLIED[patch.name] for patch in patches]
+    else:
+        records = [apply(patch) for patch in patches]
+    _applied_platforms.add(platform)
+    return records

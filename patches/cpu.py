@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import Patch, register
+from .core import Patch, register
 
 MCORE_VERIFIED = ">=0.16.0,<0.17"
 TORCH_VERIFIED = ">=2.6"
@@ -146,9 +146,14 @@ _declare("cpu-set-rng-state", "megatron.core.tensor_parallel.random._set_cuda_rn
 
 
 def _cpu_pos_emb_split(_original: Callable) -> Callable:
-    from megatron_longvita.parallel.zigzag import megatron_pos_emb_on_this_cp_rank
+    def get_pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group: Any) -> torch.Tensor:
+        """megatron's rule (CP rank r keeps chunks r and 2CP-1-r of 2CP, the zigzag layout)
+        without its pinned host tensor and ``.cuda()``."""
+        size, rank = cp_group.size(), cp_group.rank()
+        chunks = pos_emb.chunk(2 * size, dim=seq_dim)
+        return torch.cat([chunks[rank], chunks[2 * size - 1 - rank]], dim=seq_dim)
 
-    return megatron_pos_emb_on_this_cp_rank
+    return get_pos_emb_on_this_cp_rank
 
 
 _declare("cpu-rope-cp-split",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-from . import AppliedPatch, Patch, _resolve
+from .core import AppliedPatch, Patch, _resolve
 
 
 def apply_through_mindspeed(patches: list[Patch]) -> list[AppliedPatch]:

@@ -41,6 +41,9 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, results: Any
 
     torch.set_num_threads(1)  # N ranks share 2 cores; oversubscription makes gloo crawl
     try:
+        from megatron_longvita.platform import setup_platform
+
+        setup_platform()  # a rank is an entry point: the platform's patch set, once per process
         value = fn(*args, **kwargs)
     except BaseException:  # report everything, including SystemExit from a CLI under test
         results.put((rank, "error", traceback.format_exc()))
@@ -82,7 +85,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             except queue.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RankFailed(f"{fn.__name__}: {dead[0].name} died with exit code {dead[0].exitcode}")
+                    raise RankFailed(
+                        f"{fn.__name__}: {dead[0].name} died with exit code {dead[0].exitcode}") from None
                 continue
             if status == "error":
                 raise RankFailed(f"{fn.__name__} failed on rank {rank} of {world_size}:\n{value}")

@@ -24,12 +24,12 @@ from megatron_longvita.checkpoint.dist import latest_checkpoint_dir, load_model,
 from megatron_longvita.checkpoint.formats import CHECKPOINT_FORMATS, CheckpointFormat, ConversionError, format_of
 from megatron_longvita.checkpoint.hf import HFCheckpoint, save_hf_checkpoint
 from megatron_longvita.checkpoint.mapping import mappings
-from megatron_longvita.checkpoint.model_config import (TOKENIZER_DIR, load_model_config, save_model_config)
+from megatron_longvita.checkpoint.model_config import TOKENIZER_DIR, load_model_config, save_model_config
 from megatron_longvita.checkpoint.tokenizer import HFTokenizer, TokenizerError
-from megatron_longvita.config.parallel import ParallelConfig
+from megatron_longvita.config.parallel import ParallelConfig, add_parallel_arguments, parallel_config_from_args
 from megatron_longvita.models.long_vita import LongVitaModel, build_long_vita
 from megatron_longvita.models.presets import ModelConfig
-from megatron_longvita.platform import initialize_distributed
+from megatron_longvita.platform import initialize_distributed, setup_platform
 
 __all__ = ["ConversionError", "hf2mcore", "mcore2hf", "main"]
 
@@ -84,7 +84,7 @@ def _model_state(model: LongVitaModel) -> dict[str, torch.Tensor]:
 def _build_unsharded(config: ModelConfig, dtype: torch.dtype) -> LongVitaModel:
     # Local specs: the table uses their names, and torch_dist keys are the TE ones either way.
     return build_long_vita(config, ParallelConfig(), params_dtype=dtype, layer_spec="local",
-                           vision_layer_spec="local")
+                           vision_layer_spec="vision_local")
 
 
 def hf2mcore(hf_dir: str, save_dir: str, fmt: Optional[str] = None, vision_hf_dir: Optional[str] = None,
@@ -147,9 +147,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                           help="InternViT checkpoint for the vision tower of a text-only qwen2 --hf-dir")
     to_mcore.add_argument("--tokenizer", default=None,
                           help="tokenizer directory whose tokens fix the placeholder ids (default: --hf-dir)")
-    to_mcore.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1,
-                          help="check the model builds at this TP (torch_dist loads at any layout)")
-    to_mcore.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
+    add_parallel_arguments(to_mcore, ("tensor_model_parallel_size", "pipeline_model_parallel_size"),
+                           help={"tensor_model_parallel_size": "check the model builds at this layout "
+                                                               "(torch_dist loads at any layout)"})
     to_hf = commands.add_parser("mcore2hf", help="megatron-core torch_dist -> HF safetensors")
     to_hf.add_argument("--load-dir", required=True)
     to_hf.add_argument("--save-dir", required=True)
@@ -158,9 +158,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     to_hf.add_argument("--tokenizer", default=None,
                        help="tokenizer directory to export (default: the one the checkpoint carries)")
     args = parser.parse_args(argv)
+    setup_platform()
     try:
         if args.command == "hf2mcore":
-            hf2mcore(args.hf_dir, args.save_dir, args.format, args.vision_hf_dir, args.tp, args.pp, args.tokenizer)
+            parallel = parallel_config_from_args(args)
+            hf2mcore(args.hf_dir, args.save_dir, args.format, args.vision_hf_dir, parallel.tensor_model_parallel_size,
+                     parallel.pipeline_model_parallel_size, args.tokenizer)
         else:
             mcore2hf(args.load_dir, args.save_dir, args.format, int(args.max_shard_size_gb * 2**30), args.tokenizer)
     except (ConversionError, TokenizerError) as error:

@@ -146,8 +146,8 @@ def latest_checkpoint_dir(save_dir: str) -> Optional[str]:
 
 
 @dataclass
-class TrainingState:
-    """What a training checkpoint restores besides weights and optimizer."""
+class ResumePoint:
+    """Where a restored training checkpoint resumes: what it holds besides weights and optimizer."""
 
     iteration: int
     scheduler: Optional[dict]
@@ -227,7 +227,7 @@ def _restore_adam_steps(optimizer, optimizer_state: dict) -> None:
 
 
 def load_training_checkpoint(save_dir: str, chunks: list[torch.nn.Module], optimizer, scheduler,
-                             iteration: Optional[int] = None) -> Optional[TrainingState]:
+                             iteration: Optional[int] = None) -> Optional[ResumePoint]:
     """Collective. Restores the latest (or given) checkpoint; None when there is none."""
     iteration = latest_iteration(save_dir) if iteration is None else iteration
     if iteration is None:
@@ -250,4 +250,4 @@ def load_training_checkpoint(save_dir: str, chunks: list[torch.nn.Module], optim
         scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     logger.info("resumed from %s", directory)
-    return TrainingState(state["iteration"], state.get("scheduler"), state["data"])
+    return ResumePoint(state["iteration"], state.get("scheduler"), state["data"])

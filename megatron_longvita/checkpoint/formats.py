@@ -10,7 +10,7 @@ reader and writer, chosen from the checkpoint's own ``config.json`` (``model_typ
 
 Written configs carry every key transformers 4.4x (``rope_theta``, ``torch_dtype``), 5.x
 (``rope_parameters``, ``dtype``) and the authors' config classes read, so none of them falls
-back to a default. Facts: docs/design.md, "Checkpoint formats".
+back to a default. Facts: docs/design.md, "Checkpoint names".
 """
 
 from __future__ import annotations
@@ -20,8 +20,14 @@ from typing import Any, Optional
 import torch
 
 from megatron_longvita.checkpoint.hf import HFCheckpoint
-from megatron_longvita.checkpoint.mapping import (HEAD_ROWS, LANGUAGE_ROWS, PROJECTOR_ROWS, VISION_ROWS, Part,
-                                                  multimodal_parts)
+from megatron_longvita.checkpoint.mapping import (
+    HEAD_ROWS,
+    LANGUAGE_ROWS,
+    PROJECTOR_ROWS,
+    VISION_ROWS,
+    Part,
+    multimodal_parts,
+)
 from megatron_longvita.checkpoint.tokenizer import HFTokenizer
 from megatron_longvita.config.tokens import CHATML_TOKENS, CONTEXT_TOKENS, PAD_TOKEN, SPECIAL_TOKENS
 from megatron_longvita.models.decoder import DecoderConfig

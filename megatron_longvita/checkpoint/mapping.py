@@ -1,4 +1,4 @@
-"""The HF <-> megatron-core tensor rows and the named tensor transforms (docs/design.md, "Checkpoint formats").
+"""The HF <-> megatron-core tensor rows and the named tensor transforms (docs/design.md, "Checkpoint names").
 
 Each row says which HF tensors make one megatron tensor and by which transform; both
 directions run from the same row. Megatron names are those of the unsharded (TP=1) local-spec

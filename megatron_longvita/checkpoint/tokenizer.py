@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from tokenizers import AddedToken, Tokenizer
 

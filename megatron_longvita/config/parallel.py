@@ -1,8 +1,11 @@
-"""Parallel layout, named after Megatron-LM's flags."""
+"""Parallel layout, named after Megatron-LM's flags, and the one definition of those flags."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Optional
 
 
 class ConfigError(ValueError):
@@ -42,6 +45,39 @@ class ParallelConfig:
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None and (vpp < 2 or self.pipeline_model_parallel_size < 2):
             raise ConfigError(
-                "--num-layers-per-virtual-pipeline-stage gives a virtual pipeline size "
-                f"of {vpp}; interleaving needs >= 2 virtual stages and --pipeline-model-parallel-size >= 2"
+                f"--virtual-pipeline-model-parallel-size {vpp}: interleaving needs >= 2 virtual stages and "
+                "--pipeline-model-parallel-size >= 2"
             )
+
+
+# ParallelConfig field -> (Megatron-LM flag, short alias). Every CLI takes its parallel flags from here.
+PARALLEL_FLAGS: dict[str, tuple[str, str]] = {
+    "tensor_model_parallel_size": ("--tensor-model-parallel-size", "--tp"),
+    "pipeline_model_parallel_size": ("--pipeline-model-parallel-size", "--pp"),
+    "context_parallel_size": ("--context-parallel-size", "--cp"),
+    "virtual_pipeline_model_parallel_size": ("--virtual-pipeline-model-parallel-size", "--vpp"),
+    "sequence_parallel": ("--sequence-parallel", "--sp"),
+}
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser, names: Optional[Sequence[str]] = None,
+                           help: Optional[dict[str, str]] = None) -> None:
+    """Add the flags of the ParallelConfig fields ``names`` (default: all) to ``parser``.
+
+    Each flag stores into the field's name and defaults to None (not given), so
+    :func:`parallel_config_from_args` can lay the given ones over any base layout.
+    """
+    for name in names or PARALLEL_FLAGS:
+        flag, alias = PARALLEL_FLAGS[name]
+        text = (help or {}).get(name)
+        if name == "sequence_parallel":
+            parser.add_argument(flag, alias, dest=name, action="store_true", default=None, help=text)
+        else:
+            parser.add_argument(flag, alias, dest=name, type=int, default=None, help=text)
+
+
+def parallel_config_from_args(args: argparse.Namespace, base: ParallelConfig = ParallelConfig()) -> ParallelConfig:
+    """``base`` with every parallel flag given on the command line applied."""
+    given = {field.name: getattr(args, field.name) for field in fields(ParallelConfig)
+             if getattr(args, field.name, None) is not None}
+    return replace(base, **given)

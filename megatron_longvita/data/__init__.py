@@ -1,10 +1,11 @@
 """Long-VITA data pipeline: JSONL/JSON conversations with images and videos -> packed
 micro-batches (see loader.py for the contract and the worker layout)."""
 
-from .config import DataConfig, MediaConfig
+from megatron_longvita.config.data import DataConfig, MediaConfig
+
 from .loader import PackedDataLoader, build_data_loader
 from .mixture import MixtureGroup, MixtureStream, load_mixture
-from .packing import BIN_PACKERS, PACKING_SAMPLERS, packed_seq_params
+from .packing import BIN_PACKERS, PACKING_LAYOUTS
 from .prompt import InferencePrompt, build_inference_prompt
 from .schema import RECORD_FORMATS, Record, open_record_file, parse_record
 from .skips import BadSampleError, SkipReason
@@ -12,7 +13,7 @@ from .template import SPECIAL_TOKENS, ChatTokenizer
 
 __all__ = [
     "BIN_PACKERS",
-    "PACKING_SAMPLERS",
+    "PACKING_LAYOUTS",
     "RECORD_FORMATS",
     "SPECIAL_TOKENS",
     "BadSampleError",
@@ -29,6 +30,5 @@ __all__ = [
     "build_inference_prompt",
     "load_mixture",
     "open_record_file",
-    "packed_seq_params",
     "parse_record",
 ]

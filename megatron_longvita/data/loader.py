@@ -24,9 +24,12 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .config import DataConfig
+from megatron_longvita.config.data import DataConfig
+from megatron_longvita.config.parallel import ConfigError
+from megatron_longvita.registry import BIN_PACKERS, PACKING_LAYOUTS
+
 from .mixture import MixtureStream, load_mixture
-from .packing import BIN_PACKERS, PACKING_SAMPLERS, build_micro_batch
+from .packing import build_micro_batch
 from .sample import PreparedSample, load_media_pixels, prepare_sample
 from .skips import BadSampleError, Skip, count_by_reason, handle_bad_sample
 from .template import ChatTokenizer
@@ -110,7 +113,7 @@ class MicroBatchBuilder(Dataset):
     def __init__(self, config: DataConfig, pad_id: int) -> None:
         self.config = config
         self.pad_id = pad_id
-        self.layout = PACKING_SAMPLERS.get(config.packing)
+        self.layout = PACKING_LAYOUTS.get(config.packing)
 
     def __getitem__(self, plan: MicroBatchPlan) -> dict:
         rows: list[list[PreparedSample]] = []
@@ -139,9 +142,12 @@ class PackedDataLoader:
     """Iterable of packed micro-batches (the data -> model contract) with exact resume."""
 
     def __init__(self, config: DataConfig, tokenizer: ChatTokenizer | None = None) -> None:
+        if not config.mixture or (tokenizer is None and not config.tokenizer):
+            raise ConfigError("set the data mixture (data.mixture / --data-path) and the tokenizer "
+                              "(data.tokenizer / --tokenizer-model)")
         self.config = config
-        self.tokenizer = tokenizer or ChatTokenizer.from_dir(config.tokenizer_dir)
-        PACKING_SAMPLERS.get(config.packing)  # fail at construction on an unknown name
+        self.tokenizer = tokenizer or ChatTokenizer.from_dir(config.tokenizer)
+        PACKING_LAYOUTS.get(config.packing)  # fail at construction on an unknown name
         BIN_PACKERS.get(config.bin_packer)
         self.stream = MixtureStream(load_mixture(config.mixture), config.seed, config.dp_rank, config.dp_size)
         self.source = SampleSource(self.stream, self.tokenizer, config)

@@ -3,6 +3,7 @@ token count used for packing) and the expensive load into tiles (in DataLoader w
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import Union
@@ -10,9 +11,11 @@ from typing import Union
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import MediaConfig
+from megatron_longvita.config.data import MediaConfig
+
+from .schema import EmbeddedImage
 from .skips import MediaError, SkipReason
-from .tiling import Grid, choose_grid, normalize, num_image_tiles, resize_square, tile_image
+from .tiling import Grid, choose_grid, fit_frame, normalize, num_image_tiles, tile_image
 from .video import decode_frames_at, probe_video_times, sample_frame_files
 
 
@@ -23,16 +26,17 @@ def resolve_media_path(path: str, media_root: str) -> str:
     return resolved
 
 
-def _open_image(path: str) -> Image.Image:
+def _open_image(source: str | EmbeddedImage) -> Image.Image:
+    name = source.name if isinstance(source, EmbeddedImage) else source
     try:
-        return Image.open(path)
+        return Image.open(io.BytesIO(source.data) if isinstance(source, EmbeddedImage) else source)
     except (UnidentifiedImageError, OSError) as error:
-        raise MediaError(SkipReason.CORRUPT_MEDIA, f"cannot read image {path}: {error}") from None
+        raise MediaError(SkipReason.CORRUPT_MEDIA, f"cannot read image {name}: {error}") from None
 
 
 @dataclass(frozen=True)
 class ImageItem:
-    path: str
+    path: str | EmbeddedImage  # a file, or bytes from the record file (decoded in the worker)
     grid: Grid
 
     @property
@@ -44,7 +48,8 @@ class ImageItem:
             try:
                 image.load()
             except OSError as error:  # a valid header over truncated or corrupt data
-                raise MediaError(SkipReason.CORRUPT_MEDIA, f"cannot decode image {self.path}: {error}") from None
+                name = self.path.name if isinstance(self.path, EmbeddedImage) else self.path
+                raise MediaError(SkipReason.CORRUPT_MEDIA, f"cannot decode image {name}: {error}") from None
             return tile_image(image, self.grid, config)
 
 
@@ -59,7 +64,7 @@ class VideoFileItem:
 
     def load(self, config: MediaConfig) -> torch.Tensor:
         decoded = decode_frames_at(self.path, list(self.times), config.seek_threshold_s)
-        return normalize([resize_square(frame, config.image_size) for frame in decoded.frames])
+        return normalize([fit_frame(frame, config) for frame in decoded.frames])
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ class FrameDirectoryItem:
         for path in self.frame_files:
             with _open_image(path) as frame:
                 try:
-                    tiles.append(resize_square(frame, config.image_size))
+                    tiles.append(fit_frame(frame, config))
                 except OSError as error:
                     raise MediaError(SkipReason.CORRUPT_MEDIA, f"cannot decode frame {path}: {error}") from None
         return normalize(tiles)
@@ -85,11 +90,11 @@ MediaItem = Union[ImageItem, VideoFileItem, FrameDirectoryItem]
 VideoItem = Union[VideoFileItem, FrameDirectoryItem]
 
 
-def plan_image(path: str, config: MediaConfig) -> ImageItem:
+def plan_image(source: str | EmbeddedImage, config: MediaConfig) -> ImageItem:
     """Read the header only: the size fixes the grid and so the token count."""
-    with _open_image(path) as image:
+    with _open_image(source) as image:
         width, height = image.size
-    return ImageItem(path, choose_grid(width, height, config))
+    return ImageItem(source, choose_grid(width, height, config))
 
 
 def plan_video(path: str, config: MediaConfig) -> VideoItem:

@@ -1,6 +1,8 @@
-"""Per-stage data mixtures (SPEC section 6) as one deterministic, DP-sharded sample stream.
+"""Per-stage data mixtures (docs/design.md, "Training stages") as one deterministic, DP-sharded sample stream.
 
-YAML: ``dataset: {<group>: {ratio: float, num: optional cap, data_paths: [...], media_root: optional}}``.
+YAML: ``dataset: {<group>: {ratio: float, num: optional cap, data_paths: [...], media_root: optional,
+format: optional RECORD_FORMATS name (detected per file when absent)}}``; a data path may be a glob
+(parquet shards), expanded in sorted order when the group is opened.
 One mixture epoch holds round(ratio * pool) samples of each group (a group's pool is its
 records, capped to a seeded subset of ``num``): ratio > 1 repeats the pool, a fractional part
 draws a seeded subset, 0 skips the group. Epochs are shuffled with (seed, epoch) and repeat
@@ -10,6 +12,7 @@ forever; global position g belongs to data-parallel rank g % dp_size.
 from __future__ import annotations
 
 import bisect
+import glob
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .schema import RecordFile, open_record_file
+from .schema import RECORD_FORMATS, RecordFile, open_record_file
 
 
 @dataclass(frozen=True)
@@ -27,12 +30,13 @@ class MixtureGroup:
     data_paths: tuple[str, ...]
     num: int | None = None
     media_root: str | None = None
+    format: str | None = None  # RECORD_FORMATS name; None: detected per file
 
 
 def _group_from_yaml(name: str, raw: Any, base_dir: str, path: str) -> MixtureGroup:
     if not isinstance(raw, dict) or "data_paths" not in raw:
         raise ValueError(f"{path}: group {name!r} needs a mapping with 'data_paths'")
-    unknown = set(raw) - {"ratio", "num", "data_paths", "media_root"}
+    unknown = set(raw) - {"ratio", "num", "data_paths", "media_root", "format"}
     if unknown:
         raise ValueError(f"{path}: group {name!r} has unknown keys {sorted(unknown)}")
     ratio = float(raw.get("ratio", 1.0))
@@ -41,13 +45,31 @@ def _group_from_yaml(name: str, raw: Any, base_dir: str, path: str) -> MixtureGr
         raise ValueError(f"{path}: group {name!r} needs ratio >= 0 and an integer num >= 0")
     data_paths = raw["data_paths"] if isinstance(raw["data_paths"], list) else [raw["data_paths"]]
     media_root = raw.get("media_root")
+    record_format = raw.get("format")
+    if record_format is not None and record_format not in RECORD_FORMATS.names():
+        raise ValueError(f"{path}: group {name!r} has format {record_format!r}; known: {RECORD_FORMATS.names()}")
     return MixtureGroup(
         name=name,
         ratio=ratio,
         num=num,
         data_paths=tuple(os.path.join(base_dir, data_path) for data_path in data_paths),
         media_root=os.path.join(base_dir, media_root) if media_root else None,
+        format=record_format,
     )
+
+
+def expand_data_paths(group: MixtureGroup) -> list[str]:
+    """The group's files: globs expanded in sorted order (an unmatched glob is an error)."""
+    files = []
+    for path in group.data_paths:
+        if not glob.has_magic(path):
+            files.append(path)
+            continue
+        matches = sorted(glob.glob(path))
+        if not matches:
+            raise ValueError(f"group {group.name!r}: data path {path} matches no file")
+        files += matches
+    return files
 
 
 def load_mixture(path: str) -> list[MixtureGroup]:
@@ -77,7 +99,8 @@ class MixtureStream:
         self.dp_size = dp_size
         # Ratio-0 groups are never opened: their files may not even exist on this cluster.
         self.files: list[list[RecordFile]] = [
-            [open_record_file(path) for path in group.data_paths] if group.ratio > 0 else [] for group in groups
+            [open_record_file(path, group.format) for path in expand_data_paths(group)] if group.ratio > 0 else []
+            for group in groups
         ]
         self._file_starts = [np.cumsum([0] + [len(file) for file in files]) for files in self.files]
         self._pools = [self._pool(index) for index in range(len(groups))]

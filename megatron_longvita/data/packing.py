@@ -1,7 +1,7 @@
-"""Packing samples into fixed-length rows (SPEC section 5).
+"""Packing samples into fixed-length rows (docs/design.md, "Packing").
 
-Two registries: ``BIN_PACKERS`` decide which samples share a row, ``PACKING_SAMPLERS``
-decide how a row is laid out for attention:
+Two registries (declared in ``megatron_longvita.registry``): ``BIN_PACKERS`` decide which
+samples share a row, ``PACKING_LAYOUTS`` decide how a row is laid out for attention:
 
 - ``reset``: position ids restart at 0 for every sample; ``cu_seqlens`` marks the sample
   boundaries (THD form, megatron's PackedSeqParams) so attention is block-diagonal causal.
@@ -17,15 +17,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from megatron_longvita.registry import Registry
+from megatron_longvita.registry import BIN_PACKERS, PACKING_LAYOUTS
 
 from .sample import PreparedSample
 
 BinPacker = Callable[[Sequence[int], int], list[list[int]]]
 PackingLayout = Callable[[Sequence[int], int], tuple[np.ndarray, "np.ndarray | None"]]
 
-BIN_PACKERS: Registry[BinPacker] = Registry("bin packer")
-PACKING_SAMPLERS: Registry[PackingLayout] = Registry("packing sampler")
+__all__ = ["BIN_PACKERS", "PACKING_LAYOUTS", "BinPacker", "PackingLayout", "build_micro_batch"]
 
 
 @BIN_PACKERS.register("greedy")
@@ -58,7 +57,7 @@ def pack_first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[lis
     return [sorted(row) for row in bins]
 
 
-@PACKING_SAMPLERS.register("reset")
+@PACKING_LAYOUTS.register("reset")
 def reset_layout(lengths: Sequence[int], seq_length: int) -> tuple[np.ndarray, np.ndarray]:
     padding = seq_length - sum(lengths)
     segments = [*lengths, padding] if padding else list(lengths)
@@ -66,7 +65,7 @@ def reset_layout(lengths: Sequence[int], seq_length: int) -> tuple[np.ndarray, n
     return positions.astype(np.int64), np.cumsum([0, *segments]).astype(np.int32)
 
 
-@PACKING_SAMPLERS.register("no_reset")
+@PACKING_LAYOUTS.register("no_reset")
 def continuous_layout(lengths: Sequence[int], seq_length: int) -> tuple[np.ndarray, None]:
     return np.arange(seq_length, dtype=np.int64), None
 
@@ -112,16 +111,3 @@ def build_micro_batch(
         "pixel_values": pixel_values,
     }
 
-
-def packed_seq_params(cu_seqlens: torch.Tensor):
-    """megatron-core PackedSeqParams (THD) for a reset-mode micro-batch."""
-    from megatron.core.packed_seq_params import PackedSeqParams  # optional at data-pipeline import time
-
-    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu_seqlens,
-        cu_seqlens_kv=cu_seqlens,
-        max_seqlen_q=max_seqlen,
-        max_seqlen_kv=max_seqlen,
-    )

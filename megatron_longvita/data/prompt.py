@@ -7,7 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import MediaConfig
+from megatron_longvita.config.data import MediaConfig
+
 from .sample import load_media_pixels, plan_media
 from .schema import parse_record
 from .template import ChatTokenizer, tokenize_conversation

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import MediaConfig
+from megatron_longvita.config.data import MediaConfig
+
 from .media import ImageItem, MediaItem, VideoItem, plan_image, plan_video, resolve_media_path
-from .schema import Record
+from .schema import EmbeddedImage, Record
 from .skips import BadSampleError, MediaError, SkipReason
 from .template import ChatTokenizer, tokenize_conversation
 from .tiling import empty_tiles
@@ -53,7 +54,10 @@ class PreparedSample:
 
 def plan_media(record: Record, media_root: str, config: MediaConfig) -> tuple[list[ImageItem], list[VideoItem]]:
     try:
-        images = [plan_image(resolve_media_path(path, media_root), config) for path in record.images]
+        images = [
+            plan_image(path if isinstance(path, EmbeddedImage) else resolve_media_path(path, media_root), config)
+            for path in record.images
+        ]
         videos = [plan_video(resolve_media_path(path, media_root), config) for path in record.videos]
     except MediaError as error:
         raise BadSampleError(error.reason, record.location, str(error)) from None

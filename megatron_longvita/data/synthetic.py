@@ -78,7 +78,8 @@ def train_tokenizer(texts: list[str], directory: str, image_token_id: int) -> st
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=base_vocab, special_tokens=[PAD_TOKEN, *CHATML_TOKENS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=base_vocab, special_tokens=[PAD_TOKEN, *CHATML_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if tokenizer.get_vocab_size() != base_vocab:
         raise ValueError(f"the corpus text yields {tokenizer.get_vocab_size()} BPE tokens, not {base_vocab}: "
                          "add text or lower image_token_id")

@@ -1,4 +1,5 @@
-"""ChatML template, the Long-VITA special tokens and placeholder expansion (SPEC sections 2-3)."""
+"""ChatML template, the Long-VITA special tokens and placeholder expansion (docs/design.md,
+"Conversation records" and "Token layout")."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ from typing import Sequence
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
 
-from megatron_longvita.config.tokens import CHATML_TOKENS, IMAGE_PLACEHOLDER, PAD_TOKEN, SPECIAL_TOKENS, VIDEO_PLACEHOLDER
+from megatron_longvita.config.data import MediaConfig
+from megatron_longvita.config.tokens import (
+    CHATML_TOKENS,
+    IMAGE_PLACEHOLDER,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    VIDEO_PLACEHOLDER,
+)
 
-from .config import MediaConfig
 from .media import FrameDirectoryItem, ImageItem, MediaItem, VideoFileItem
 from .schema import Message
 

@@ -1,15 +1,15 @@
-"""Dynamic tiling of images (SPEC section 4) and the ImageNet normalisation of tiles."""
+"""Dynamic tiling of images, square fitting of video frames and the ImageNet normalisation of
+tiles, as the Long-VITA preprocessing does them (docs/design.md, "Tiling and frames")."""
 
 from __future__ import annotations
 
-from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .config import MediaConfig
+from megatron_longvita.config.data import MediaConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,18 +32,20 @@ def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[Grid, ...]:
 def choose_grid(width: int, height: int, config: MediaConfig) -> Grid:
     """The grid whose aspect ratio is closest to the image's.
 
-    Ratios are compared exactly (fractions), so ties are real ties; on a tie the larger grid
-    wins when the image area exceeds half of that grid's pixel area.
+    Distances are float64 ``abs(width / height - cols / rows)``, as the reference computes them:
+    rounding decides some near-ties (aspect 7/6 is nearer 4/3 than 1 by one ulp, so 4x3, not
+    2x2). On an exact float tie the larger grid wins when the image area exceeds half of that
+    grid's pixel area.
     """
-    aspect = Fraction(width, height)
+    aspect = width / height
     grids = candidate_grids(config.min_tiles, config.max_tiles)
     best = grids[0]
-    best_difference = abs(aspect - Fraction(*best))
+    best_difference = abs(aspect - best[0] / best[1])
     for cols, rows in grids[1:]:
-        difference = abs(aspect - Fraction(cols, rows))
+        difference = abs(aspect - cols / rows)
         if difference < best_difference:
             best, best_difference = (cols, rows), difference
-        elif difference == best_difference and 2 * width * height > config.image_size**2 * cols * rows:
+        elif difference == best_difference and width * height > 0.5 * config.image_size**2 * cols * rows:
             best = (cols, rows)
     return best
 
@@ -69,7 +71,33 @@ def empty_tiles(config: MediaConfig) -> torch.Tensor:
 
 
 def resize_square(image: Image.Image, size: int) -> Image.Image:
+    """Stretch to size x size (grid tiles and thumbnails in both preprocessings)."""
     return image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+
+
+def frame_pad_colour() -> tuple[int, int, int]:
+    """The ImageNet mean as 8-bit RGB, truncated as the reference does: (123, 116, 103)."""
+    return tuple(int(channel * 255) for channel in IMAGENET_MEAN)
+
+
+def pad_to_square(image: Image.Image) -> Image.Image:
+    """Centre the image on a square canvas of its longer side filled with frame_pad_colour()."""
+    image = image.convert("RGB")
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), frame_pad_colour())
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def fit_frame(frame: Image.Image, config: MediaConfig) -> Image.Image:
+    """One video frame -> one tile: padded to a square first ("pad", Long-VITA) or stretched
+    ("stretch", InternVL)."""
+    if config.frame_fit == "pad":
+        frame = pad_to_square(frame)
+    return resize_square(frame, config.image_size)
 
 
 def tile_image(image: Image.Image, grid: Grid, config: MediaConfig) -> torch.Tensor:

@@ -1,9 +1,8 @@
-"""Video frame sampling (SPEC section 4): at most ``max_fps`` and ``max_num_frames`` frames,
-evenly spread, decoded with seeking so a long video is not decoded frame by frame."""
+"""Video frame sampling as the Long-VITA preprocessing does it (docs/design.md, "Tiling and
+frames"), decoded with seeking so a long video is not decoded frame by frame."""
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -11,7 +10,8 @@ from dataclasses import dataclass
 import av
 from PIL import Image
 
-from .config import MediaConfig
+from megatron_longvita.config.data import MediaConfig
+
 from .skips import MediaError, SkipReason
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -22,10 +22,28 @@ def natural_sort_key(name: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
-def sample_times(duration: float, available_frames: int, config: MediaConfig) -> list[float]:
-    """Centres of ``n`` equal slices of [0, duration), n capped by fps, max frames and the video."""
-    count = min(config.max_num_frames, max(1, math.floor(duration * config.max_fps)), available_frames)
-    return [duration * (index + 0.5) / count for index in range(count)]
+def sample_frame_indices(num_frames: int, fps: float, config: MediaConfig) -> list[int]:
+    """Indices of the frames a video file contributes.
+
+    Stride ``max(fps / max_fps, n / (N + 1))`` from frame 0, ``N = max_num_frames`` steps, indices
+    past the end dropped: ceil(duration x max_fps) frames below the cap (7 frames at 2 fps -> 0, 2, 4, 6).
+    """
+    step = max(fps / config.max_fps, num_frames / (config.max_num_frames + 1))
+    return [index for index in (int(step * i) for i in range(config.max_num_frames)) if index < num_frames]
+
+
+def sample_directory_indices(num_files: int, config: MediaConfig) -> list[int]:
+    """Indices of the frames a frame directory contributes (the reference's own directory rule).
+
+    ``count = floor(min(num_files / frame_dir_fps x max_fps, max_num_frames))`` frames at the
+    integer stride ``floor(num_files / count)`` from frame 0 (7 frames at 2 fps -> 0, 2, 4). A
+    directory too short for one frame at ``max_fps`` gives its first frame (the reference fails), and
+    ``max_fps > frame_dir_fps`` gives each file once (the reference repeats frame 0).
+    """
+    count = int(min(num_files / config.frame_dir_fps * config.max_fps, config.max_num_frames, num_files))
+    count = max(1, count)
+    stride = num_files // count
+    return [stride * i for i in range(count)]
 
 
 def list_frame_files(directory: str) -> list[str]:
@@ -39,13 +57,12 @@ def sample_frame_files(directory: str, config: MediaConfig) -> list[str]:
     files = list_frame_files(directory)
     if not files:
         raise MediaError(SkipReason.NO_VIDEO_FRAMES, f"frame directory {directory} holds no frame images")
-    duration = len(files) / config.frame_dir_fps
-    times = sample_times(duration, len(files), config)
-    return [files[min(int(time * config.frame_dir_fps), len(files) - 1)] for time in times]
+    return [files[index] for index in sample_directory_indices(len(files), config)]
 
 
 def probe_video_times(path: str, config: MediaConfig) -> list[float]:
-    """Absolute timestamps (seconds) of the frames to sample, from container metadata only."""
+    """Timestamps (seconds) inside the display interval of each frame to sample, from container
+    metadata only: the middle of frame k's interval, so rounding cannot land on its neighbour."""
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -62,7 +79,8 @@ def probe_video_times(path: str, config: MediaConfig) -> list[float]:
         raise MediaError(SkipReason.CORRUPT_MEDIA, f"cannot open video {path}: {error}") from None
     if duration <= 0 or available <= 0:
         raise MediaError(SkipReason.NO_VIDEO_FRAMES, f"{path} has no decodable frames")
-    return [start + time for time in sample_times(duration, available, config)]
+    fps = rate or available / duration
+    return [start + (index + 0.5) / fps for index in sample_frame_indices(available, fps, config)]
 
 
 @dataclass

@@ -9,7 +9,9 @@ only. Decode feeds the sampled token to every CP rank: its query attends to each
 cache shard and the partial results are merged by log-sum-exp (parallel/decode.py); the
 new K/V go to one rank, round-robin, so each rank's cache and per-token work grow by
 N / CP. ``decode_mode="fixed-length"`` is the paper's method for comparison: a fixed
-sequence of prompt + max_new_tokens, re-run whole for every token, without a cache.
+sequence of prompt + max_new_tokens, re-run whole for every token, without a cache. Under
+pipeline parallelism (no CP) that is the one mode: each forward runs through megatron's
+pipeline schedule and the last stage's logits are broadcast to every stage.
 
 RoPE for a decode step: megatron's GPTModel sizes its rotary table from the input length
 and cuts it into zigzag shares, which does not fit one replicated token. So decode drives
@@ -26,27 +28,31 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
-from megatron_longvita.checkpoint.model_config import load_model_config
 from megatron_longvita.checkpoint.dist import load_model
+from megatron_longvita.checkpoint.model_config import load_model_config
 from megatron_longvita.config.parallel import ConfigError, ParallelConfig
-from megatron_longvita.inference.attention import CACHED_LAYER_SPEC, CachedRingAttention, bind_cache
-from megatron_longvita.inference.cache import KVCache
 from megatron_longvita.inference.rope import RopeScaling, apply_rope_scaling, rotary_table
 from megatron_longvita.inference.sampling import Sampler, SamplingConfig
 from megatron_longvita.models.heads import HeadConfig
 from megatron_longvita.models.long_vita import LongVitaModel, gather_logits, long_vita_provider
+from megatron_longvita.models.specs import INFERENCE
 from megatron_longvita.parallel import zigzag_positions, zigzag_split
+from megatron_longvita.parallel.attention import CachedRingAttention, bind_cache
+from megatron_longvita.parallel.cache import KVCache
+from megatron_longvita.platform import Platform
 from megatron_longvita.training.loop import build_model_chunks
 
 DECODE_MODES = ("cached", "fixed-length")
 
 
 @dataclass
-class Prompt:
+class GenerationRequest:
     tokens: list[int]  # expanded prompt ids (build_inference_prompt), ending where the answer starts
     pixel_values: Optional[Tensor] = None  # [n_tiles, 3, H, W] of this prompt, placeholder order
 
@@ -98,12 +104,19 @@ def load_for_inference(load_dir: str, parallel: ParallelConfig, **options) -> tu
     return chunks, config.decoder.vocab_size
 
 
-def load_engine(load_dir: str, parallel: ParallelConfig, rope_scaling: Optional[RopeScaling] = None) -> "InferenceEngine":
-    """The engine on a checkpoint, at TP x CP (megatron's parallel state already initialised)."""
-    if parallel.pipeline_model_parallel_size != 1 or parallel.sequence_parallel:
-        raise ConfigError("the inference engine runs at TP x CP: use --pipeline-model-parallel-size 1 and no "
-                          "--sequence-parallel (decode steps are one token long)")
-    [model], vocab_size = load_for_inference(load_dir, parallel, layer_spec=CACHED_LAYER_SPEC, head=HeadConfig())
+def load_engine(load_dir: str, parallel: ParallelConfig, rope_scaling: Optional[RopeScaling] = None,
+                platform: Optional[Platform] = None) -> "InferenceEngine":
+    """The engine on a checkpoint, at TP x CP or TP x PP (megatron's parallel state already
+    initialised); ``platform``: default the detected one."""
+    if parallel.sequence_parallel or parallel.virtual_pipeline_model_parallel_size is not None:
+        raise ConfigError("the inference engine runs without --sequence-parallel (decode steps are one token "
+                          "long) and without --virtual-pipeline-model-parallel-size")
+    if parallel.pipeline_model_parallel_size > 1 and (parallel.context_parallel_size > 1 or rope_scaling):
+        raise ConfigError("with --pipeline-model-parallel-size > 1 the engine runs fixed-length decoding at "
+                          "TP x PP only: use --pipeline-model-parallel-size 1 for --context-parallel-size and "
+                          "--rope-scaling")
+    [model], vocab_size = load_for_inference(load_dir, parallel, purpose=INFERENCE, head=HeadConfig(),
+                                             platform=platform)
     return InferenceEngine(model, vocab_size, rope_scaling)
 
 
@@ -115,9 +128,10 @@ class InferenceEngine:
     def __init__(self, model: LongVitaModel, vocab_size: int, rope_scaling: Optional[RopeScaling] = None) -> None:
         self.model, self.gpt, self.vocab_size = model, model.language_model, vocab_size
         self.attention = [m for m in model.modules() if isinstance(m, CachedRingAttention)]
-        if not self.attention or not (model.pre_process and model.post_process):
-            raise ConfigError(f"the engine needs the whole model (no PP) built with layer_spec="
-                              f"{CACHED_LAYER_SPEC!r} and a head (HeadConfig); see load_engine")
+        self.pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        if not self.attention or not (self.pipelined or (model.pre_process and model.post_process)):
+            raise ConfigError("the engine needs this rank's model (the whole model without PP) built for "
+                              "purpose='inference' (cached ring attention) and with a head (HeadConfig); see load_engine")
         self.cp_group = parallel_state.get_context_parallel_group()
         self.cp_size, self.cp_rank = self.cp_group.size(), self.cp_group.rank()
         self.device = next(model.parameters()).device
@@ -129,12 +143,15 @@ class InferenceEngine:
                                decoder.max_position_embeddings)
         self.timing = Timing()
 
-    def generate(self, prompts: Sequence[Prompt], config: GenerationConfig = GenerationConfig(),
+    def generate(self, prompts: Sequence[GenerationRequest], config: GenerationConfig = GenerationConfig(),
                  on_tokens: Optional[Callable[[list[Optional[int]]], None]] = None) -> list[Generation]:
         """Generate for a batch of prompts; ``on_tokens`` gets each step's new id per row (None
         once a row has stopped), for streaming."""
         if not prompts or min(len(p.tokens) for p in prompts) == 0:
             raise ValueError("generate needs at least one prompt, each with at least one token")
+        if self.pipelined and config.decode_mode != "fixed-length":
+            raise ConfigError("with --pipeline-model-parallel-size > 1 the engine decodes fixed-length only: use "
+                              "--decode-mode fixed-length (the KV cache needs the whole model on each rank)")
         sampler = Sampler(config.sampling)
         decoding = (self._cached_decoding if config.decode_mode == "cached" else self._fixed_length_decoding)
         self.timing = Timing()
@@ -171,7 +188,8 @@ class InferenceEngine:
         # order) and a sampler seeded alike, so all ranks choose the same ids with no collective.
         return sampler(logits.index_fill(-1, self.placeholder_ids, -torch.inf))
 
-    def _batch(self, prompts: Sequence[Prompt], length: int, pad_id: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    def _batch(self, prompts: Sequence[GenerationRequest], length: int,
+               pad_id: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """Tokens [b, length] padded at the end, prompt lengths [b], all tiles in batch order."""
         tokens = torch.full((len(prompts), length), pad_id, dtype=torch.long)
         for row, prompt in zip(tokens, prompts):
@@ -186,10 +204,29 @@ class InferenceEngine:
         positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
         if self.cp_size > 1:
             tokens, positions = (zigzag_split(t, 1, self.cp_size, self.cp_rank) for t in (tokens, positions))
+        if self.pipelined:
+            return self._pipeline_forward(tokens, positions, lengths, pixel_values)
         logits = self.model(tokens, positions, None, pixel_values=pixel_values, logits_index=lengths - 1)
         return gather_logits(logits[:, 0], self.vocab_size).float()
 
-    def _cached_decoding(self, prompts: Sequence[Prompt], config: GenerationConfig):
+    def _pipeline_forward(self, tokens: Tensor, positions: Tensor, lengths: Tensor,
+                          pixel_values: Optional[Tensor]) -> Tensor:
+        """The forward through megatron's pipeline schedule (one micro-batch); every stage gets the logits."""
+        def forward_step(data_iterator, model):
+            next(data_iterator)  # the batch is the closure's
+            return model(tokens, positions, None, pixel_values=pixel_values, logits_index=lengths - 1), None
+
+        outputs = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]),
+                                              model=[self.model], num_microbatches=1, seq_length=tokens.shape[1],
+                                              micro_batch_size=tokens.shape[0], forward_only=True)
+        logits = torch.empty(tokens.shape[0], self.vocab_size, dtype=torch.float32, device=self.device)
+        if parallel_state.is_pipeline_last_stage():
+            logits = gather_logits(outputs[0][:, 0], self.vocab_size).float()
+        dist.broadcast(logits, parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        return logits
+
+    def _cached_decoding(self, prompts: Sequence[GenerationRequest], config: GenerationConfig):
         """Prefill (filling the cache); returns the first logits and the decode step."""
         length = _round_up(max(len(p.tokens) for p in prompts), 2 * self.cp_size)
         tokens, lengths, pixel_values = self._batch(prompts, length, config.pad_token_id)
@@ -218,7 +255,7 @@ class InferenceEngine:
         logits, _ = self.gpt.output_layer(hidden, weight=weight)
         return gather_logits(logits[0], self.vocab_size).float()
 
-    def _fixed_length_decoding(self, prompts: Sequence[Prompt], config: GenerationConfig):
+    def _fixed_length_decoding(self, prompts: Sequence[GenerationRequest], config: GenerationConfig):
         """The paper's method: one fixed length for the request, the whole forward per token."""
         length = _round_up(max(len(p.tokens) for p in prompts) + config.max_new_tokens, 2 * self.cp_size)
         tokens, lengths, pixel_values = self._batch(prompts, length, config.pad_token_id)

@@ -15,6 +15,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.models.heads import HeadConfig, HeadedGPTModel
 from megatron_longvita.models.specs import common_transformer_settings, decoder_block_spec
+from megatron_longvita.platform import Platform, current_platform
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class DecoderConfig:
         return -(-self.vocab_size // multiple) * multiple
 
     def transformer_config(self, parallel: ParallelConfig, params_dtype: torch.dtype = torch.float32,
-                           recompute_num_layers: int = 0, **overrides) -> TransformerConfig:
+                           recompute_num_layers: int = 0, platform: Optional[Platform] = None,
+                           **overrides) -> TransformerConfig:
+        """``platform``: default the detected one."""
         return TransformerConfig(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -62,19 +65,25 @@ class DecoderConfig:
             context_parallel_size=parallel.context_parallel_size,
             sequence_parallel=parallel.sequence_parallel,
             pipeline_dtype=params_dtype,
-            **common_transformer_settings(params_dtype, recompute_num_layers),
+            **common_transformer_settings(params_dtype, platform or current_platform(), recompute_num_layers),
             **overrides,
         )
 
 
 def build_decoder(config: DecoderConfig, transformer_config: TransformerConfig, pre_process: bool = True,
                   post_process: bool = True, vp_stage: Optional[int] = None,
-                  layer_spec: Optional[str] = None, head: Optional[HeadConfig] = None) -> GPTModel:
-    """megatron's GPTModel; with ``head``, a HeadedGPTModel whose last stage uses those output heads."""
+                  layer_spec: Optional[str] = None, head: Optional[HeadConfig] = None,
+                  platform: Optional[Platform] = None) -> GPTModel:
+    """megatron's GPTModel; with ``head``, a HeadedGPTModel whose last stage uses those output heads.
+
+    ``layer_spec``: an LLM layer spec (default: models.specs.select_layer_spec's training
+    choice at this CP size); ``platform``: default the detected one.
+    """
     model_class = GPTModel if head is None else functools.partial(HeadedGPTModel, head=head)
+    block = decoder_block_spec(transformer_config, platform or current_platform(), layer_spec, vp_stage)
     return model_class(
         config=transformer_config,
-        transformer_layer_spec=decoder_block_spec(transformer_config, layer_spec, vp_stage),
+        transformer_layer_spec=block,
         vocab_size=config.padded_vocab_size(transformer_config.tensor_model_parallel_size),
         max_sequence_length=config.max_position_embeddings,
         pre_process=pre_process,

@@ -3,10 +3,10 @@
 A 152K-vocabulary output layer materialises a [tokens x vocab] fp32 matrix: 608 GB at 1M
 tokens. The logits-masked head (paper section 3.4) feeds only the hidden states that need a
 prediction to the output layer: the labelled positions in training and the next-token
-position of each sequence at inference. Labels are already shifted per sample (SPEC
-section 5), so the training positions are exactly those with ``loss_mask != 0``, each
-context-parallel rank selecting from its own zigzag chunks; no target is lost at sample or
-chunk borders. The chunked head (the paper's baseline) computes every position, one chunk
+position of each sequence at inference. Labels are already shifted per sample
+(docs/design.md, "Packing"), so the training positions are exactly those with
+``loss_mask != 0``, each context-parallel rank selecting from its own zigzag chunks; no
+target is lost at sample or chunk borders. The chunked head (the paper's baseline) computes every position, one chunk
 of logits at a time, recomputing the chunk in backward so that only one chunk of logits is
 ever alive.
 
@@ -15,10 +15,12 @@ the 3-tuple loss function (``training.loop.masked_loss``) work unchanged with an
 them. Heads see token-major, full-sequence (not sequence-parallel) hidden states [n, h];
 :class:`HeadedGPTModel` does the layout work (SP gather, CP positions, [s, b] <-> tokens).
 
-Megatron-LM style switches, mapped onto :class:`HeadConfig` by the training driver:
-``--logits-mask`` (mode="masked"), ``--lm-head-chunk-size N`` (chunk_size=N; mode="chunked"
-unless --logits-mask, then the selected tokens are chunked), ``--no-inference-logits-mask``
-(inference_mode="full").
+Training flags, mapped onto :class:`HeadConfig` by the training driver: ``--lm-head NAME``
+(mode: any name in OUTPUT_HEADS, a plugin's included), ``--logits-mask`` (mode="masked"),
+``--lm-head-chunk-size N`` (chunk_size, given to every head but "full": the masked head
+chunks its selected tokens).
+Inference always uses ``inference_mode`` (default "masked": the next-token position only);
+``HeadConfig(inference_mode="full")`` computes every position, there is no flag for it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from megatron_longvita.parallel import zigzag_positions
-from megatron_longvita.registry import Registry
+from megatron_longvita.patches.contracts import GPT_POSTPROCESS, require
+from megatron_longvita.registry import OUTPUT_HEADS
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,7 @@ class OutputHead(ABC):
         """Vocab-parallel logits [len(rows), V / TP] of the tokens ``rows`` of hidden [n, h]."""
 
 
-# name -> OutputHead class, constructed with HeadConfig.chunk_size
-OUTPUT_HEADS: Registry[type[OutputHead]] = Registry("output head")
+# OUTPUT_HEADS (megatron_longvita.registry): name -> OutputHead class, constructed with HeadConfig.chunk_size
 
 
 @OUTPUT_HEADS.register("full")
@@ -165,10 +167,12 @@ class HeadedGPTModel(GPTModel):
       the rank holding a position computes its logits, then every CP rank gets all rows.
       Not differentiable across CP ranks: for inference.
 
-    Without either, or with megatron's own ``inference_context``, it is GPTModel.
+    Without either, or with megatron's own ``inference_context``, it is GPTModel. Overrides
+    the private ``GPTModel._postprocess`` (upstream contract "gpt-model-postprocess").
     """
 
     def __init__(self, *args, head: HeadConfig = HeadConfig(), **kwargs) -> None:
+        require(GPT_POSTPROCESS.name)
         super().__init__(*args, **kwargs)
         if self.config.mtp_num_layers:
             raise ValueError("output heads do not support multi-token prediction (mtp_num_layers)")

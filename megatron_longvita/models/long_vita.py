@@ -8,7 +8,7 @@ first virtual stage) and run before any context-parallel split, whole on each CP
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,10 +22,14 @@ from megatron_longvita.models.decoder import build_decoder
 from megatron_longvita.models.heads import HeadConfig
 from megatron_longvita.models.presets import ModelConfig
 from megatron_longvita.models.projector import Projector
+from megatron_longvita.models.specs import LLM, TRAIN, VISION, select_layer_spec
 from megatron_longvita.models.vision import InternViT
 from megatron_longvita.parallel import zigzag_gather, zigzag_split
+from megatron_longvita.platform import Platform, current_platform
 from megatron_longvita.registry import Registry
-from megatron_longvita.training.loop import ModelProvider
+
+# (pre_process, post_process, vp_stage) -> model chunk; training.loop.build_model_chunks calls it per stage
+ModelProvider = Callable[[bool, bool, Optional[int]], MegatronModule]
 
 # name -> function(config, parallel, **options) -> ModelProvider for build_model_chunks
 MODEL_PROVIDERS: Registry = Registry("model provider")
@@ -63,8 +67,10 @@ class LongVitaModel(MegatronModule):
     def __init__(self, config: ModelConfig, language_config: TransformerConfig,
                  vision_config: Optional[TransformerConfig], pre_process: bool = True, post_process: bool = True,
                  vp_stage: Optional[int] = None, layer_spec: Optional[str] = None,
-                 vision_layer_spec: Optional[str] = None, head: Optional[HeadConfig] = None) -> None:
+                 vision_layer_spec: Optional[str] = None, head: Optional[HeadConfig] = None,
+                 platform: Optional[Platform] = None) -> None:
         super().__init__(language_config)
+        platform = platform or current_platform()
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules look up
         self.model_config = config
         self.pre_process = pre_process
@@ -72,10 +78,10 @@ class LongVitaModel(MegatronModule):
         self.vision: Optional[InternViT] = None
         self.projector: Optional[Projector] = None
         if pre_process:
-            self.vision = InternViT(config.vision, vision_config, vision_layer_spec)
+            self.vision = InternViT(config.vision, vision_config, vision_layer_spec, platform)
             self.projector = Projector(config.projector, config.vision.hidden_size, language_config)
         self.language_model = build_decoder(config.decoder, language_config, pre_process, post_process, vp_stage,
-                                            layer_spec, head)
+                                            layer_spec, head, platform)
         self.share_embeddings_and_output_weights = config.decoder.tie_embeddings
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -116,14 +122,25 @@ class LongVitaModel(MegatronModule):
 def build_long_vita(config: ModelConfig, parallel: ParallelConfig, pre_process: bool = True,
                     post_process: bool = True, vp_stage: Optional[int] = None, *,
                     params_dtype: torch.dtype = torch.float32, recompute_language_layers: int = 0,
-                    recompute_vision_layers: int = 0, layer_spec: Optional[str] = None,
+                    recompute_vision_layers: int = 0, platform: Optional[Platform] = None,
+                    purpose: str = TRAIN, packed_documents: bool = False, layer_spec: Optional[str] = None,
                     vision_layer_spec: Optional[str] = None, head: Optional[HeadConfig] = None) -> LongVitaModel:
-    """One model chunk. Needs megatron's parallel state (initialize_distributed) already set up."""
-    language_config = config.decoder.transformer_config(parallel, params_dtype, recompute_language_layers)
-    vision_config = (config.vision.transformer_config(parallel, params_dtype, recompute_vision_layers)
+    """One model chunk. Needs megatron's parallel state (initialize_distributed) already set up.
+
+    ``platform``: default the detected one (its patch set is the entry point's business, as
+    megatron's parallel state is). The layer specs are models.specs.select_layer_spec's choice
+    for ``purpose`` ("train" / "inference") and ``packed_documents`` (reset packing) unless
+    named by ``layer_spec`` / ``vision_layer_spec``.
+    """
+    platform = platform or current_platform()
+    layer_spec = layer_spec or select_layer_spec(LLM, platform, context_parallel_size=parallel.context_parallel_size,
+                                                 packed_documents=packed_documents, purpose=purpose)
+    vision_layer_spec = vision_layer_spec or select_layer_spec(VISION, platform, purpose=purpose)
+    language_config = config.decoder.transformer_config(parallel, params_dtype, recompute_language_layers, platform)
+    vision_config = (config.vision.transformer_config(parallel, params_dtype, recompute_vision_layers, platform)
                      if pre_process else None)
     return LongVitaModel(config, language_config, vision_config, pre_process, post_process, vp_stage, layer_spec,
-                         vision_layer_spec, head)
+                         vision_layer_spec, head, platform)
 
 
 @MODEL_PROVIDERS.register("long_vita")

@@ -80,7 +80,7 @@ class ModelConfig:
         return tuple(self.context_tokens.values())
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         missing = [name for name in CONTEXT_TOKEN_FIELDS.values() if name not in data]
         if missing:
             raise ConfigError(f"model config lacks {', '.join(missing)} (written by an older version): "
@@ -89,7 +89,7 @@ class ModelConfig:
         return cls(decoder=DecoderConfig(**data["decoder"]), vision=VisionConfig(**data["vision"]),
                    projector=ProjectorConfig(**data["projector"]), **tokens)
 
-    def differences(self, other: "ModelConfig") -> dict[str, tuple[Any, Any]]:
+    def differences(self, other: ModelConfig) -> dict[str, tuple[Any, Any]]:
         """Dotted field name -> (this value, the other's), for every field that differs."""
         mine, theirs = _flatten(dataclasses.asdict(self)), _flatten(dataclasses.asdict(other))
         return {key: (mine.get(key), theirs.get(key)) for key in sorted(mine.keys() | theirs.keys())

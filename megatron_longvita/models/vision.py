@@ -8,23 +8,19 @@ are masked out as keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.transformer import ModuleSpec, TransformerConfig
-from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
-from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_longvita.config.parallel import ParallelConfig
-from megatron_longvita.models.norms import TorchNorm
-from megatron_longvita.models.specs import common_transformer_settings
-from megatron_longvita.platform import setup_platform
-from megatron_longvita.registry import Registry
+from megatron_longvita.models.specs import common_transformer_settings, vision_block_spec
+from megatron_longvita.platform import Platform, current_platform
 
 
 @dataclass(frozen=True)
@@ -47,8 +43,9 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     def transformer_config(self, parallel: ParallelConfig, params_dtype: torch.dtype = torch.float32,
-                           recompute_num_layers: int = 0) -> TransformerConfig:
-        """Same TP / SP as the LLM; no pipeline or context split (the tower lives on stage 0, whole)."""
+                           recompute_num_layers: int = 0, platform: Optional[Platform] = None) -> TransformerConfig:
+        """Same TP / SP as the LLM; no pipeline or context split (the tower lives on stage 0, whole).
+        ``platform``: default the detected one."""
         return TransformerConfig(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -63,103 +60,17 @@ class VisionConfig:
             layernorm_epsilon=self.norm_epsilon,
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             sequence_parallel=parallel.sequence_parallel,
-            **common_transformer_settings(params_dtype, recompute_num_layers),
+            **common_transformer_settings(params_dtype, platform or current_platform(), recompute_num_layers),
         )
-
-
-def _layer_scaled(bda_builder: Callable, scale: torch.Tensor) -> Callable:
-    """Wrap a bias-dropout-add builder so the branch output (bias included) is scaled first."""
-
-    def build(training: bool, fused: bool) -> Callable:
-        bda = bda_builder(training, fused)
-
-        def scaled_bda(x_with_bias, residual, prob):
-            out, bias = x_with_bias
-            return bda((out * scale, None if bias is None else bias * scale), residual, prob)
-
-        return scaled_bda
-
-    return build
-
-
-class LayerScaleTransformerLayer(TransformerLayer):
-    """A TransformerLayer with per-channel scales ls1 / ls2 on the attention / MLP branches."""
-
-    def __init__(self, config: TransformerConfig, submodules, layer_number: int = 1,
-                 layer_scale_init: float = 1.0, **kwargs) -> None:
-        super().__init__(config, submodules, layer_number, **kwargs)
-        self.ls1 = torch.nn.Parameter(torch.full((config.hidden_size,), layer_scale_init, dtype=config.params_dtype))
-        self.ls2 = torch.nn.Parameter(torch.full((config.hidden_size,), layer_scale_init, dtype=config.params_dtype))
-        for scale in (self.ls1, self.ls2):
-            # Applied to sequence-sharded activations under SP: gradients are partial per TP rank.
-            scale.sequence_parallel = config.sequence_parallel
-        self.self_attn_bda = _layer_scaled(self.self_attn_bda, self.ls1)
-        self.mlp_bda = _layer_scaled(self.mlp_bda, self.ls2)
-
-
-# name -> function(config) -> ModuleSpec of one vision layer
-VISION_LAYER_SPECS: Registry = Registry("vision layer spec")
-
-
-def _mask_type(config: TransformerConfig) -> AttnMaskType:
-    # Bidirectional; SP pads the tile sequence, so pads must be masked as keys.
-    return AttnMaskType.padding if config.sequence_parallel else AttnMaskType.no_mask
-
-
-@VISION_LAYER_SPECS.register("local")
-def local_vision_layer_spec(config: TransformerConfig) -> ModuleSpec:
-    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
-
-    return ModuleSpec(
-        module=LayerScaleTransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=TorchNorm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": _mask_type(config)},
-                submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention,
-                                                   linear_proj=RowParallelLinear),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=TorchNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
-            mlp_bda=get_bias_dropout_add,
-            # Checkpoint keys as TE names them, so local and TE checkpoints interchange.
-            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                                         "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
-        ),
-    )
-
-
-@VISION_LAYER_SPECS.register("transformer_engine")
-def te_vision_layer_spec(config: TransformerConfig) -> ModuleSpec:
-    from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_transformer_engine_spec
-
-    spec = get_vit_layer_with_transformer_engine_spec()
-    spec.module = LayerScaleTransformerLayer
-    spec.submodules.self_attention.params = {"attn_mask_type": _mask_type(config)}
-    return spec
-
-
-def vision_block_spec(vision: VisionConfig, config: TransformerConfig,
-                      spec_name: Optional[str] = None) -> TransformerBlockSubmodules:
-    """All layers (the tower is never pipeline-split), no final norm (InternViT has none)."""
-    name = spec_name or ("transformer_engine" if setup_platform().transformer_engine else "local")
-    layer = VISION_LAYER_SPECS.get(name)(config)
-    layer = replace(layer, params={**layer.params, "layer_scale_init": vision.layer_scale_init})
-    return TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=None)
 
 
 class InternViT(MegatronModule):
     """pixel_values [tiles, C, H, W] -> patch features [tiles, H/p, W/p, hidden] (class token dropped)."""
 
-    def __init__(self, vision: VisionConfig, config: TransformerConfig, spec_name: Optional[str] = None) -> None:
+    def __init__(self, vision: VisionConfig, config: TransformerConfig, spec_name: Optional[str] = None,
+                 platform: Optional[Platform] = None) -> None:
+        """``spec_name``: a vision layer spec (default: models.specs.select_layer_spec's choice);
+        ``platform``: default the detected one."""
         super().__init__(config)
         self.vision = vision
         hidden, dtype = vision.hidden_size, config.params_dtype
@@ -167,8 +78,8 @@ class InternViT(MegatronModule):
         self.patch_embedding = torch.nn.Conv2d(vision.num_channels, hidden, kernel_size=vision.patch_size,
                                                stride=vision.patch_size, dtype=dtype)
         self.position_embedding = torch.nn.Parameter(torch.zeros(1, vision.grid_size ** 2 + 1, hidden, dtype=dtype))
-        self.decoder = TransformerBlock(config, vision_block_spec(vision, config, spec_name), pre_process=True,
-                                        post_process=False)
+        block = vision_block_spec(config, platform or current_platform(), vision.layer_scale_init, spec_name)
+        self.decoder = TransformerBlock(config, block, pre_process=True, post_process=False)
 
     def _position_embedding(self, rows: int, cols: int) -> torch.Tensor:
         """The learned table, bicubic-resized when the tile is not the trained size (as InternVL)."""

@@ -25,8 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_longvita.parallel.kernels import lse_dtype
-from megatron_longvita.parallel.ring import _merge
+from megatron_longvita.parallel.kernels import lse_dtype, merge_partial_attention
 
 
 def attend_cached(query: Tensor, key: Tensor, value: Tensor, lengths: Sequence[int],
@@ -85,5 +84,5 @@ def merge_over_group(out: Tensor, lse: Tensor, group: Optional[dist.ProcessGroup
     _wait(dist.all_gather(parts, packed, group=group, async_op=True), group)
     out, lse = parts[0][..., :-1], parts[0][..., -1]
     for part in parts[1:]:
-        out, lse = _merge(out, lse, part[..., :-1], part[..., -1])
+        out, lse = merge_partial_attention(out, lse, part[..., :-1], part[..., -1])
     return out

@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_longvita.registry import Registry
@@ -54,6 +55,14 @@ BLOCK_KERNELS: Registry[BlockKernel] = Registry("ring attention block kernel")
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_partial_attention(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine two partial attentions over disjoint keys (online softmax in log-sum-exp form):
+    out [..., d], lse [...]. A row with block_lse=-inf is left as is. The ring merges its steps
+    with it, cached decoding its CP ranks."""
+    weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
+    return out - weight * (out - block_out), lse - F.logsigmoid(lse - block_lse)
 
 
 class SegmentLoopKernel:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_longvita.parallel.kernels import BLOCK_KERNELS, BlockKernel, Segment
+from megatron_longvita.parallel.kernels import BLOCK_KERNELS, BlockKernel, Segment, merge_partial_attention
 from megatron_longvita.parallel.zigzag import ContextParallelLayoutError, zigzag_positions
 
 _KV_TAG, _DKV_TAG = 0, 1
@@ -108,12 +108,6 @@ class RingExchange:
         self._requests = []
 
 
-def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
-    """Online softmax in log-sum-exp form; a block row with lse=-inf leaves the row as is."""
-    weight = torch.sigmoid(block_lse - lse).unsqueeze(-1)
-    return out - weight * (out - block_out), lse - F.logsigmoid(lse - block_lse)
-
-
 def _ring_forward(q: Tensor, kv: Tensor, steps: Sequence[RingStep], group: Optional[dist.ProcessGroup],
                   kernel: BlockKernel, scale: float) -> tuple[Tensor, Tensor]:
     exchange = RingExchange(group, _KV_TAG) if len(steps) > 1 else None
@@ -127,7 +121,7 @@ def _ring_forward(q: Tensor, kv: Tensor, steps: Sequence[RingStep], group: Optio
         if out is None:  # step 0 is the diagonal block: every query sees itself, so lse is finite
             out, lse = block_out.to(block_lse.dtype), block_lse
         else:
-            out, lse = _merge(out, lse, block_out, block_lse)
+            out, lse = merge_partial_attention(out, lse, block_out, block_lse)
         if i + 1 < len(steps):
             exchange.wait()
     return out, lse
@@ -186,14 +180,14 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(query: Tensor, key: Tensor, value: Tensor, group: Optional[dist.ProcessGroup] = None, *,
-                   cu_seqlens: Optional[Tensor | Sequence[int]] = None, softmax_scale: Optional[float] = None,
-                   kernel: Optional[str] = None) -> Tensor:
+                   kernel: str, cu_seqlens: Optional[Tensor | Sequence[int]] = None,
+                   softmax_scale: Optional[float] = None) -> Tensor:
     """Causal attention of zigzag-split q/k/v over the CP ``group`` (None: no CP).
 
     query [s, b, hq, d], key/value [s, b, hkv, d] with hq a multiple of hkv, s = this rank's
     2 chunks. ``cu_seqlens``: global document boundaries of the padded sequence (reset
-    packing, b = 1); None means plain causal. ``kernel``: a BLOCK_KERNELS name, by default
-    the platform's. Returns [s, b, hq, d].
+    packing, b = 1); None means plain causal. ``kernel``: a BLOCK_KERNELS name, the
+    platform's ``attention_kernel`` in the model. Returns [s, b, hq, d].
     """
     cp_size = dist.get_world_size(group) if group is not None else 1
     cp_rank = dist.get_rank(group) if group is not None else 0
@@ -211,10 +205,6 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, group: Optional[di
             raise ValueError(f"packed documents (cu_seqlens) need micro-batch size 1, got {batch}")
         documents = tuple(cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else cu_seqlens)
     steps = plan_ring(cp_size, cp_rank, length, documents)
-    if kernel is None:
-        from megatron_longvita.platform import setup_platform
-
-        kernel = setup_platform().attention_kernel
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     to_bhsd = lambda t: t.permute(1, 2, 0, 3)  # noqa: E731  (a view: [s, b, h, d] -> [b, h, s, d])
     out = _RingAttention.apply(to_bhsd(query), to_bhsd(key), to_bhsd(value), steps, group,

@@ -50,13 +50,6 @@ def zigzag_split(tensor: Tensor, dim: int, cp_size: int, cp_rank: int) -> Tensor
     return torch.cat([chunks[first], chunks[second]], dim=dim)
 
 
-def megatron_pos_emb_on_this_cp_rank(pos_emb: Tensor, seq_dim: int, cp_group: dist.ProcessGroup) -> Tensor:
-    """Device-agnostic replacement for megatron's ``get_pos_emb_on_this_cp_rank``: the same
-    zigzag rule, without its pinned host tensor and ``.cuda()`` (which fail on CPU and on
-    NPU without MindSpeed)."""
-    return zigzag_split(pos_emb, seq_dim, cp_group.size(), cp_group.rank())
-
-
 def zigzag_gather(local: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
     """Inverse of :func:`zigzag_split` over the CP group: the full sequence on every rank.
 
@@ -105,26 +98,10 @@ def split_batch_for_context_parallel(batch: Mapping[str, Optional[Tensor]], cp_s
                                      pad_token_id: int = 0) -> dict[str, Optional[Tensor]]:
     """Pad, then keep this rank's zigzag share of tokens, labels, loss_mask, position_ids.
 
-    Labels are already shifted per sample (SPEC section 5), so cutting them with the tokens
-    loses no target at chunk borders. ``cu_seqlens`` (global, padded) is kept whole.
+    Labels are already shifted per sample (docs/design.md, "Packing"), so cutting them with
+    the tokens loses no target at chunk borders. ``cu_seqlens`` (global, padded) is kept whole.
     """
     padded = pad_for_context_parallel(batch, cp_size, pad_token_id)
     return {key: zigzag_split(value, 1, cp_size, cp_rank) if key in SEQUENCE_KEYS and value is not None else value
             for key, value in padded.items()}
 
-
-def context_parallel_loss(per_token_loss: Tensor, loss_mask: Tensor,
-                          group: Optional[dist.ProcessGroup]) -> tuple[Tensor, Tensor]:
-    """Masked mean loss over the whole sequence from this rank's share.
-
-    Returns ``(local, total)``: ``local`` = this rank's loss sum / global token count, to
-    backpropagate (the CP ranks' gradients are summed by the data-parallel-with-CP
-    gradient reduction, giving the gradient of the global mean); ``total`` = the global
-    mean, detached, identical on every rank, to report.
-    """
-    loss_sum = (per_token_loss.float() * loss_mask).sum()
-    totals = torch.stack([loss_sum.detach(), loss_mask.sum().float()])
-    if group is not None:
-        dist.all_reduce(totals, group=group)
-    count = totals[1].clamp(min=1.0)
-    return loss_sum / count, totals[0] / count

@@ -5,25 +5,37 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_longvita.config.parallel import ParallelConfig
+from megatron_longvita.patches import is_applied
+from megatron_longvita.platform.detect import Platform, current_platform
 
 logger = logging.getLogger(__name__)
 
 
-def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> None:
+def _require_patches(platform: Platform) -> None:
+    """Fail fast, before megatron reaches CUDA-only code, when no entry point applied the patches."""
+    if not is_applied(platform.name):
+        raise RuntimeError(f"platform {platform.name}: its patch set is not applied; call "
+                           "megatron_longvita.platform.setup_platform() once at the entry point, before "
+                           "initialize_distributed")
+
+
+def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30, *,
+                           platform: Optional[Platform] = None) -> None:
     """Initialise the default process group (torchrun env vars) and megatron's groups.
 
-    Applies the platform patches first, so it is safe to build megatron models after it.
+    ``platform``: default the detected one. Its patch set must already be applied
+    (``setup_platform``, at the entry point); this checks, and applies nothing.
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_longvita.platform import setup_platform
-
-    platform = setup_platform()
+    platform = platform or current_platform()
+    _require_patches(platform)
     if not dist.is_initialized():
         for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import (MegatronOptimizer, OptimizerConfig, ParamKey, get_megatron_optimizer,
-                                     get_standard_config_overrides)
+from megatron.core.optimizer import (
+    MegatronOptimizer,
+    OptimizerConfig,
+    ParamKey,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import MegatronModule, TransformerConfig
 
-# (pre_process, post_process, vp_stage) -> model chunk
-ModelProvider = Callable[[bool, bool, Optional[int]], MegatronModule]
+from megatron_longvita.config.train import ScheduleConfig
+from megatron_longvita.models.long_vita import ModelProvider
 
 
 def build_model_chunks(provider: ModelProvider) -> list[MegatronModule]:
@@ -32,22 +38,16 @@ def build_model_chunks(provider: ModelProvider) -> list[MegatronModule]:
     ]
 
 
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """Learning-rate schedule in iterations (Megatron-LM's --lr-warmup-fraction, --lr-decay-style)."""
-
-    train_iters: int
-    lr_warmup_fraction: float = 0.0
-    lr_decay_style: str = "cosine"
-
-    def build(self, optimizer: MegatronOptimizer, config: OptimizerConfig) -> OptimizerParamScheduler:
-        """Peak and final LR come from the optimizer config (megatron keeps them per param group)."""
-        return OptimizerParamScheduler(
-            optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.min_lr,
-            lr_warmup_steps=int(self.lr_warmup_fraction * self.train_iters),
-            lr_decay_steps=self.train_iters, lr_decay_style=self.lr_decay_style,
-            start_wd=0.0, end_wd=0.0, wd_incr_steps=self.train_iters, wd_incr_style="constant",
-        )
+def build_scheduler(schedule: ScheduleConfig, optimizer: MegatronOptimizer,
+                    config: OptimizerConfig) -> OptimizerParamScheduler:
+    """megatron's scheduler for ``schedule``; peak and final LR come from the optimizer config
+    (megatron keeps them per param group)."""
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.min_lr,
+        lr_warmup_steps=int(schedule.lr_warmup_fraction * schedule.train_iters),
+        lr_decay_steps=schedule.train_iters, lr_decay_style=schedule.lr_decay_style,
+        start_wd=0.0, end_wd=0.0, wd_incr_steps=schedule.train_iters, wd_incr_style="constant",
+    )
 
 
 @dataclass
@@ -91,7 +91,8 @@ def setup_training(chunks: list[MegatronModule], optimizer_config: OptimizerConf
         # (Megatron-LM issues #750/#1450).
         config.batch_p2p_comm = False
         config.overlap_p2p_comm = True
-    return TrainState(model, optimizer, config, schedule.build(optimizer, optimizer_config) if schedule else None)
+    scheduler = build_scheduler(schedule, optimizer, optimizer_config) if schedule else None
+    return TrainState(model, optimizer, config, scheduler)
 
 
 def is_logging_rank() -> bool:

@@ -22,13 +22,12 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
-from megatron_longvita.checkpoint.dist import (load_model, load_training_checkpoint, save_model,
-                                               save_training_checkpoint)
-from megatron_longvita.config.parallel import ParallelConfig
+from megatron_longvita.checkpoint.dist import load_model, load_training_checkpoint, save_model, save_training_checkpoint
+from megatron_longvita.config.parallel import ParallelConfig, add_parallel_arguments, parallel_config_from_args
+from megatron_longvita.config.train import ScheduleConfig
 from megatron_longvita.models.decoder import DecoderConfig, build_decoder
-from megatron_longvita.platform import destroy_distributed, initialize_distributed
-from megatron_longvita.training.loop import (ScheduleConfig, build_model_chunks, is_logging_rank, masked_loss,
-                                             setup_training, train_step)
+from megatron_longvita.platform import Platform, destroy_distributed, initialize_distributed, setup_platform
+from megatron_longvita.training.loop import build_model_chunks, is_logging_rank, masked_loss, setup_training, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -78,24 +77,30 @@ def forward_step(data_iterator, model):
     return output, functools.partial(masked_loss, batch["loss_mask"])
 
 
-def build_tiny_decoder_chunks(run: SyntheticRun) -> list:
-    transformer_config = TINY_DECODER.transformer_config(run.parallel, params_dtype=run.params_dtype)
-    return build_model_chunks(functools.partial(build_decoder, TINY_DECODER, transformer_config))
+def build_tiny_decoder_chunks(run: SyntheticRun, platform: Optional[Platform] = None) -> list:
+    transformer_config = TINY_DECODER.transformer_config(run.parallel, params_dtype=run.params_dtype,
+                                                         platform=platform)
+    return build_model_chunks(functools.partial(build_decoder, TINY_DECODER, transformer_config,
+                                                platform=platform))
 
 
-def train_synthetic(run: SyntheticRun, load_dir: Optional[str] = None, save_dir: Optional[str] = None,
-                    log_every: int = 0, checkpoint_dir: Optional[str] = None, save_interval: int = 0,
-                    stop_after: Optional[int] = None) -> list[float]:
+def train_synthetic(run: SyntheticRun, load_dir: Optional[str] = None,
+                    initial_weights_dir: Optional[str] = None, log_every: int = 0,
+                    checkpoint_dir: Optional[str] = None, save_interval: int = 0,
+                    stop_after: Optional[int] = None, platform: Optional[Platform] = None) -> list[float]:
     """Train from scratch or from the weights in `load_dir`; returns per-step losses (empty off
-    the last stage). With `checkpoint_dir`, resume from its latest training checkpoint and save
-    one every `save_interval` steps; `stop_after` ends the run early (a simulated interruption).
+    the last stage). `initial_weights_dir` receives the weights training starts from (a dist
+    checkpoint another layout can `load_dir`). With `checkpoint_dir`, resume from its latest
+    training checkpoint and save one every `save_interval` steps; `stop_after` ends the run
+    early (a simulated interruption). `platform`: default the detected one, its patches applied
+    by the caller (main does).
     """
-    initialize_distributed(run.parallel, seed=run.seed)
-    chunks = build_tiny_decoder_chunks(run)
+    initialize_distributed(run.parallel, seed=run.seed, platform=platform)
+    chunks = build_tiny_decoder_chunks(run, platform)
     if load_dir:
         load_model(chunks, load_dir)
-    if save_dir:
-        save_model(chunks, save_dir)
+    if initial_weights_dir:
+        save_model(chunks, initial_weights_dir)
     state = setup_training(
         chunks,
         OptimizerConfig(optimizer="adam", lr=run.lr, min_lr=run.lr / 10, weight_decay=0.0, clip_grad=1.0,
@@ -127,28 +132,30 @@ def train_synthetic(run: SyntheticRun, load_dir: Optional[str] = None, save_dir:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
-    parser.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
-    parser.add_argument("--vpp", "--virtual-pipeline-model-parallel-size", dest="vpp", type=int, default=None)
-    parser.add_argument("--sequence-parallel", action="store_true")
+    add_parallel_arguments(parser, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                    "virtual_pipeline_model_parallel_size", "sequence_parallel"))
     parser.add_argument("--use-distributed-optimizer", action="store_true")
     parser.add_argument("--steps", "--train-iters", dest="steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--save", default=None, help="dist checkpoint of the initial weights")
+    parser.add_argument("--save-initial-weights", default=None,
+                        help="write the weights training starts from here (a dist checkpoint)")
     parser.add_argument("--load", default=None, help="start from this dist checkpoint (any layout)")
     parser.add_argument("--checkpoint-dir", default=None, help="resume from / save training checkpoints here")
     parser.add_argument("--save-interval", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
-    run = SyntheticRun(ParallelConfig(args.tp, args.pp, 1, args.vpp, args.sequence_parallel),
-                       steps=args.steps, lr=args.lr, distributed_optimizer=args.use_distributed_optimizer)
+    parallel = parallel_config_from_args(args)
+    run = SyntheticRun(parallel, steps=args.steps, lr=args.lr, distributed_optimizer=args.use_distributed_optimizer)
+    platform = setup_platform()
     try:
-        losses = train_synthetic(run, load_dir=args.load, save_dir=args.save, log_every=5,
-                                 checkpoint_dir=args.checkpoint_dir, save_interval=args.save_interval)
+        losses = train_synthetic(run, load_dir=args.load, initial_weights_dir=args.save_initial_weights,
+                                 log_every=5, checkpoint_dir=args.checkpoint_dir, save_interval=args.save_interval,
+                                 platform=platform)
         if losses and is_logging_rank():
             print(json.dumps({"first_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4),
-                              "steps": len(losses), "tp": args.tp, "pp": args.pp}), flush=True)
+                              "steps": len(losses), "tp": parallel.tensor_model_parallel_size,
+                              "pp": parallel.pipeline_model_parallel_size}), flush=True)
     finally:
         destroy_distributed()
 

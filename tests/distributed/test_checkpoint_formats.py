@@ -1,7 +1,7 @@
 """Checkpoints as users bring them, against an independent reference built from transformers' modules.
 
 Three sources, each converted with hf2mcore and run at TP=2, CP=2 (the inference engine) and
-PP=2 (the pipeline greedy loop): first generated position's logits within 1e-4 (fp32) and 8
+PP=2 (fixed-length decoding through the pipeline): first generated position's logits within 1e-4 (fp32) and 8
 greedy tokens identical to the reference.
 - the released Long-VITA layout (tests/hf_checkpoints.py: `visual` sub-config, InternViT names,
   bias-free 4 x vit -> vit -> llm projector), with a stock-Qwen-style tokenizer that lacks the
@@ -26,8 +26,7 @@ from safetensors.torch import load_file
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.platform import initialize_distributed
 from tests.harness import run_distributed
-from tests.hf_checkpoints import (Oracle, save_released_longvita, save_small_vocab_internvl,
-                                  save_split_qwen2_internvit)
+from tests.hf_checkpoints import Oracle, save_released_longvita, save_small_vocab_internvl, save_split_qwen2_internvit
 
 VOCAB = 300
 TOKENIZER_SIZE = 240  # Long-VITA tokens appended: <IMG_CONTEXT> 242, <VID_CONTEXT> 245, <PATCH_CONTEXT> 248
@@ -69,24 +68,20 @@ def convert(*commands: list[str]) -> None:
 
 
 def megatron_results(load_dir: str, image: int, patch: int) -> dict[str, dict]:
-    """Per layout and prompt: (first-position logits, greedy tokens)."""
-    from megatron_longvita.generate import greedy_generate, load_for_inference
-    from megatron_longvita.inference import GenerationConfig, Prompt, load_engine
+    """Per layout and prompt: the engine's (first-position logits, greedy tokens); fixed-length
+    decoding through the pipeline at PP > 1, the KV cache otherwise."""
+    from megatron_longvita.inference import GenerationConfig, GenerationRequest, load_engine
 
     results = {}
     for layout, parallel in LAYOUTS.items():
         initialize_distributed(parallel)
+        engine = load_engine(load_dir, parallel)
+        mode = "fixed-length" if parallel.pipeline_model_parallel_size > 1 else "cached"
         per_prompt = {}
-        if parallel.pipeline_model_parallel_size > 1:
-            chunks, vocab = load_for_inference(load_dir, parallel)
-            for name, (ids, pixels) in prompts(image, patch).items():
-                generation = greedy_generate(chunks, ids, pixels, STEPS, vocab)
-                per_prompt[name] = (generation.first_logits, generation.tokens)
-        else:
-            engine = load_engine(load_dir, parallel)
-            for name, (ids, pixels) in prompts(image, patch).items():
-                [generation] = engine.generate([Prompt(ids, pixels)], GenerationConfig(max_new_tokens=STEPS))
-                per_prompt[name] = (generation.first_logits, generation.tokens)
+        for name, (ids, pixels) in prompts(image, patch).items():
+            [generation] = engine.generate([GenerationRequest(ids, pixels)],
+                                           GenerationConfig(max_new_tokens=STEPS, decode_mode=mode))
+            per_prompt[name] = (generation.first_logits, generation.tokens)
         results[layout] = per_prompt
     return results
 

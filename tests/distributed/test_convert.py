@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.platform import initialize_distributed
-from tests.distributed.test_model_parity import save_tiny_internvl
 from tests.harness import run_distributed
+from tests.references import save_tiny_internvl
 
 
 def convert(*commands: list[str]) -> None:
@@ -27,9 +27,9 @@ def convert(*commands: list[str]) -> None:
 
 def reshard(load_dir: str, save_dir: str, parallel: ParallelConfig) -> None:
     """Load the converted checkpoint at `parallel` and save it again from there."""
-    from megatron_longvita.checkpoint.model_config import load_model_config, save_model_config
     from megatron_longvita.checkpoint.dist import save_model
-    from megatron_longvita.generate import load_for_inference
+    from megatron_longvita.checkpoint.model_config import load_model_config, save_model_config
+    from megatron_longvita.inference import load_for_inference
 
     initialize_distributed(parallel)
     chunks, _ = load_for_inference(load_dir, parallel)

@@ -13,7 +13,7 @@ import torch
 
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.config.train import TrainConfig, load_yaml
-from megatron_longvita.data import ChatTokenizer, DataConfig, MediaConfig, build_data_loader
+from megatron_longvita.data import ChatTokenizer, build_data_loader
 from megatron_longvita.data.synthetic import make_corpus
 from megatron_longvita.models.presets import get_preset
 from tests.harness import run_distributed
@@ -41,11 +41,12 @@ def config(tmp_path_factory) -> TrainConfig:
 def _rank_batches(config: TrainConfig) -> dict:
     from megatron.core import parallel_state
 
-    from megatron_longvita.platform import initialize_distributed
+    from megatron_longvita.platform import current_platform, initialize_distributed
     from megatron_longvita.train import build_loader, resolve_model
 
     initialize_distributed(config.parallel, seed=config.seed)
-    loader = build_loader(config, resolve_model(config, ChatTokenizer.from_dir(config.data.tokenizer)))
+    loader = build_loader(config, resolve_model(config, ChatTokenizer.from_dir(config.data.tokenizer)),
+                          current_platform())
     batches = [batch for batch, _ in zip(loader, range(BATCHES))]
     return {"dp_rank": parallel_state.get_data_parallel_rank(), "batches": batches,
             "has_loader": loader.loader is not None, "state": loader.state_dict()}
@@ -53,12 +54,9 @@ def _rank_batches(config: TrainConfig) -> dict:
 
 def _reference_batches(config: TrainConfig, dp_rank: int, dp_size: int) -> list[dict]:
     data = config.data
-    media = MediaConfig.from_model_config(get_preset("tiny"), max_tiles=data.max_tiles,
-                                          max_num_frames=data.max_num_frames)
-    loader = build_data_loader(DataConfig(
-        mixture=data.mixture, tokenizer_dir=data.tokenizer, seq_length=data.seq_length, packing=data.packing,
-        micro_batch_size=data.micro_batch_size, seed=config.seed, dp_rank=dp_rank, dp_size=dp_size, num_workers=0,
-        strict=data.strict, media_root=data.media_root, media=media))
+    loader = build_data_loader(dataclasses.replace(
+        data, media=data.media.with_geometry_of(get_preset("tiny")), seed=config.seed, dp_rank=dp_rank,
+        dp_size=dp_size, num_workers=0))
     return [batch for batch, _ in zip(loader, range(BATCHES))]
 
 

@@ -22,19 +22,16 @@ import torch
 
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.platform import initialize_distributed
-from tests.distributed import test_model_parity
-from tests.distributed.test_model_parity import STEPS, TOLERANCE, prompts, transformers_greedy
 from tests.harness import run_distributed
-
-converted = test_model_parity.converted  # the converted tiny checkpoint + transformers' greedy reference
+from tests.references import STEPS, TOLERANCE, comparable_tokens, prompts, transformers_greedy
 
 SAMPLING = dict(temperature=0.9, top_k=40, top_p=0.95, seed=7)
 
 
 def engine_prompts():
-    from megatron_longvita.inference import Prompt
+    from megatron_longvita.inference import GenerationRequest
 
-    return {name: Prompt(ids, None if pixels is None else torch.from_numpy(pixels))
+    return {name: GenerationRequest(ids, None if pixels is None else torch.from_numpy(pixels))
             for name, (ids, pixels) in prompts().items()}
 
 
@@ -65,21 +62,12 @@ def engine_results(load_dir: str, layouts: list[ParallelConfig], rope=None) -> l
     return per_layout
 
 
-def _comparable(tokens: list[int]) -> list[int]:
-    """Tokens up to the first vision placeholder id: the engine never emits one (input-only),
-    transformers' InternVL treats all but <IMG_CONTEXT> as text (YaRN's text prompt hits one)."""
-    from tests.distributed.test_model_parity import IMAGE_TOKEN, PATCH_TOKEN
-
-    placeholders = (IMAGE_TOKEN, PATCH_TOKEN, IMAGE_TOKEN + 3)
-    return next((tokens[:i] for i, t in enumerate(tokens) if t in placeholders), tokens)
-
-
 def _assert_matches(reference: dict, results: dict, layout: str) -> None:
     for key, (logits, tokens) in results.items():
         if key[0] == "sampled":
             continue
         expected_logits, expected_tokens = reference[key[-1]]
-        expected_tokens = _comparable(expected_tokens)
+        expected_tokens = comparable_tokens(expected_tokens)
         tokens = tokens[:len(expected_tokens)]
         error = (logits - expected_logits).abs().max().item()
         assert error <= TOLERANCE, f"{layout} {key}: first-position logits differ by {error:.2e}"
@@ -217,7 +205,8 @@ def test_cli_chat_prompt_with_image_and_video_cp2_equals_fixed_length_cp1(conver
               "--video", make_frame_dir(str(tmp_path / "frames"), 5), "--max-num-frames", "2"]
     printed = run_distributed(generate_cli, 2, common + ["--cp", "2", "--stream", "--output",
                                                          str(tmp_path / "cached.json")])
-    run_distributed(generate_cli, 1, common + ["--decode-mode", "fixed-length", "--output", str(tmp_path / "fixed.json")])
+    run_distributed(generate_cli, 1,
+                    common + ["--decode-mode", "fixed-length", "--output", str(tmp_path / "fixed.json")])
     cached, fixed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cached", "fixed"))
     assert len(cached["generated_ids"]) >= 1 and cached["generated_ids"] == fixed["generated_ids"]
     assert max(abs(a - b) for a, b in zip(cached["first_logits"], fixed["first_logits"])) <= TOLERANCE

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.checkpoint.dist import latest_checkpoint_dir, load_model
+from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.platform import initialize_distributed
 from megatron_longvita.training.synthetic import SyntheticRun, build_tiny_decoder_chunks, train_synthetic
 from tests.harness import run_distributed
@@ -41,7 +41,7 @@ def test_resume_is_bit_exact(layout: str, tmp_path) -> None:
     world_size, run = LAYOUTS[layout]
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     init = str(tmp_path / "init")
-    run_distributed(train_synthetic, 1, SyntheticRun(steps=1), save_dir=init, stop_after=0)
+    run_distributed(train_synthetic, 1, SyntheticRun(steps=1), initial_weights_dir=init, stop_after=0)
     expected = _last_stage_losses(run_distributed(train_synthetic, world_size, run, load_dir=init,
                                                   checkpoint_dir=straight, save_interval=2 * K))
     first = _last_stage_losses(run_distributed(train_synthetic, world_size, run, load_dir=init,

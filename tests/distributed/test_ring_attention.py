@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from tests.harness import run_distributed
-from tests.unit.test_ring_kernels import reference_attention
+from tests.references import reference_attention
 
 # name -> (document lengths or None for plain causal, batch, query heads, kv heads, dtype)
 # Lengths are in units of the chunk size c = total / (2 * CP) where marked "c"; else tokens.
@@ -91,11 +91,12 @@ def test_ring_attention_matches_full_attention(cp_size: int, kernel: str) -> Non
 
 
 def _layout_utilities() -> dict[str, bool]:
-    """zigzag_gather inverts the split, megatron's CP batch split agrees, the CP loss is the global mean."""
+    """zigzag_gather inverts the split, megatron's CP batch split agrees, the training loss summed
+    over the CP shares (as megatron's per-token-loss reduction does) is the global mean."""
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    from megatron_longvita.parallel import (context_parallel_loss, split_batch_for_context_parallel, zigzag_gather,
-                                            zigzag_split)
+    from megatron_longvita.parallel import split_batch_for_context_parallel, zigzag_gather, zigzag_split
+    from megatron_longvita.training.loop import masked_loss
 
     group = _init_context_parallel()
     cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
@@ -107,16 +108,14 @@ def _layout_utilities() -> dict[str, bool]:
     ours = split_batch_for_context_parallel(batch, cp_size, cp_rank)
     megatrons = get_batch_on_this_cp_rank(dict(batch), group)
     per_token = torch.rand(2, 8 * cp_size, generator=generator)
-    local_loss, total_loss = context_parallel_loss(zigzag_split(per_token, 1, cp_size, cp_rank),
-                                                   ours["loss_mask"], group)
-    summed_local = local_loss.detach().clone()
-    dist.all_reduce(summed_local, group=group)
+    loss_sum, num_tokens, _ = masked_loss(ours["loss_mask"], zigzag_split(per_token, 1, cp_size, cp_rank))
+    totals = torch.stack([loss_sum, num_tokens.float()])
+    dist.all_reduce(totals, group=group)
     full_mean = (per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
     return {
         "matches_megatron_split": all(torch.equal(ours[key], megatrons[key]) for key in batch),
         "gather_inverts_split": torch.equal(zigzag_gather(ours["tokens"], 1, group), batch["tokens"]),
-        "loss_total_is_global_mean": torch.allclose(total_loss, full_mean, atol=1e-6),
-        "local_losses_sum_to_mean": torch.allclose(summed_local, full_mean, atol=1e-6),
+        "loss_over_shares_is_global_mean": torch.allclose(totals[0] / totals[1], full_mean, atol=1e-6),
     }
 
 

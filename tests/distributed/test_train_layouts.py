@@ -4,7 +4,8 @@ The reference: one rank, TP=PP=DP=1, same initial weights (loaded from one dist 
 and the same global batch as ONE micro-batch of 8 sequences, so its loss is plainly the
 per-token mean over the global batch; the layouts split it into 4 micro-batches of 2 with
 uneven label counts, which only a per-token reduction over micro-batches and DP ranks
-reproduces (a mean of per-micro-batch means was measured to differ). Each layout must (a) match the reference loss within 2e-5 absolute
+reproduces (a mean of per-micro-batch means was measured to differ). Each layout must (a)
+match the reference loss within 2e-5 absolute
 for the first 10 Adam steps in fp32 (layouts differ only in reduction order: measured <= 2e-6
 there), and (b) halve its loss within 30 steps. Later steps are not compared: memorising
 random tokens at this learning rate is chaotic, and TP's different summation order
@@ -39,7 +40,7 @@ LAYOUTS = {
 def reference(tmp_path_factory) -> tuple[str, list[float]]:
     checkpoint = str(tmp_path_factory.mktemp("tiny") / "init")
     one_microbatch = SyntheticRun(steps=STEPS, micro_batch_size=8, global_microbatches=1)
-    [losses] = run_distributed(train_synthetic, 1, one_microbatch, save_dir=checkpoint)
+    [losses] = run_distributed(train_synthetic, 1, one_microbatch, initial_weights_dir=checkpoint)
     return checkpoint, losses
 
 
@@ -52,4 +53,5 @@ def test_layout_matches_single_rank(layout: str, reference) -> None:
     assert len(losses) == STEPS
     assert losses[-1] <= 0.5 * losses[0], f"loss did not halve: {losses[0]:.4f} -> {losses[-1]:.4f}"
     worst = max(abs(a - b) for a, b in zip(losses[:COMPARED_STEPS], reference_losses))
-    assert worst <= LOSS_TOLERANCE, f"{layout}: max |loss - single-rank loss| = {worst:.2e} in the first {COMPARED_STEPS} steps"
+    assert worst <= LOSS_TOLERANCE, (f"{layout}: max |loss - single-rank loss| = {worst:.2e} in the first "
+                                     f"{COMPARED_STEPS} steps")

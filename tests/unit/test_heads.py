@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from megatron_longvita.models.heads import OUTPUT_HEADS, HeadConfig, MaskedHead, VocabProjection
 from megatron_longvita.registry import UnknownNameError
-from tools.benchmarks.lm_head import LiveTensorBytes
+from tests.references import LiveTensorBytes
 
 TOKENS, HIDDEN, VOCAB, CHUNK = 37, 8, 50, 8
 # spans at both sequence borders, across chunk borders (8, 16) and single tokens

@@ -1,4 +1,4 @@
-"""The mapping table's transforms: exact inverses, and megatron's fused layouts (SPEC 8)."""
+"""The mapping table's transforms: exact inverses, and megatron's fused layouts (docs/design.md, "Checkpoint names")."""
 
 from __future__ import annotations
 

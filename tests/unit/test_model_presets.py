@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_longvita.config.parallel import ConfigError, ParallelConfig
-from megatron_longvita.data.config import MediaConfig
+from megatron_longvita.config.data import MediaConfig
 from megatron_longvita.models.presets import PRESETS, get_preset
 from tests.harness import run_distributed
 
@@ -70,7 +70,7 @@ def test_geometry_feeds_the_data_pipeline() -> None:
 
 
 def test_context_ids_follow_the_special_token_order() -> None:
-    # Stock Qwen2.5 has 151,665 tokens; <img> = 151665, <IMG_CONTEXT> = 151667 (SPEC 3 order).
+    # Stock Qwen2.5 has 151,665 tokens; <img> = 151665, <IMG_CONTEXT> = 151667 (docs/design.md, "Token layout").
     assert get_preset("qwen2.5-14b").context_token_ids == (151667, 151673, 151670)
 
 

@@ -54,3 +54,28 @@ def test_cli_lists_the_patches_in_force() -> None:
     rows = [json.loads(line) for line in listing.stdout.splitlines()]
     assert [row["name"] for row in rows] == [p.name for p in patches.declared("cpu")]
     assert all(row["installed"] for row in rows)
+
+
+def test_cpu_rope_split_is_the_zigzag_layout() -> None:
+    """The CPU replacement of megatron's get_pos_emb_on_this_cp_rank cuts RoPE as zigzag_split cuts batches."""
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    from megatron_longvita.parallel import zigzag_split
+
+    patches.apply_platform_patches("cpu")
+
+    class Group:
+        def __init__(self, size: int, rank: int) -> None:
+            self._size, self._rank = size, rank
+
+        def size(self) -> int:
+            return self._size
+
+        def rank(self) -> int:
+            return self._rank
+
+    table = torch.arange(24.0).view(24, 1, 1, 1)
+    for size in (1, 2, 3):
+        for rank in range(size):
+            got = rotary_pos_embedding.get_pos_emb_on_this_cp_rank(table, 0, Group(size, rank))
+            assert torch.equal(got, zigzag_split(table, 0, size, rank))

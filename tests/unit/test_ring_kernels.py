@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
-import math
-from typing import Optional, Sequence
 
 import pytest
 import torch
 
 from megatron_longvita.parallel import BLOCK_KERNELS, Segment, ring_attention
-from megatron_longvita.platform import _describe
+from megatron_longvita.platform import describe_platform
+from tests.references import reference_attention
 
 KERNELS = ["cpu_flash", "math"]
-
-
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        cu_seqlens: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Causal (document-masked) attention over the full sequence with an explicit mask.
-
-    q [S, b, hq, d], k/v [S, b, hkv, d]; GQA by repeating k/v (query head h -> kv head h // g).
-    """
-    positions = torch.arange(q.shape[0])
-    visible = positions[None, :] <= positions[:, None]
-    if cu_seqlens is not None:
-        document = torch.bucketize(positions, torch.tensor(list(cu_seqlens)[1:]), right=True)
-        visible &= document[:, None] == document[None, :]
-    groups = q.shape[2] // k.shape[2]
-    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    scores = torch.einsum("sbhd,tbhd->bhst", q, k) / math.sqrt(q.shape[-1])
-    probs = scores.masked_fill(~visible, -math.inf).softmax(-1)
-    return torch.einsum("bhst,tbhd->sbhd", probs, v)
 
 
 def _qkv(length: int, batch: int, q_heads: int, kv_heads: int, dim: int = 8, seed: int = 0,
@@ -101,7 +82,7 @@ def test_flash_attn_kernel_falls_back_to_math_outside_fp16_bf16(dtype: torch.dty
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="checks the error without torch_npu")
 def test_npu_kernel_is_registered_and_names_torch_npu_when_missing() -> None:
-    kernel = BLOCK_KERNELS.get(_describe("npu").attention_kernel)
+    kernel = BLOCK_KERNELS.get(describe_platform("npu").attention_kernel)
     q, k, v = (_bhsd(t) for t in _qkv(4, 1, 2, 1, dtype=torch.float16))
     segments = [Segment(0, 4, 0, 4)]
     with pytest.raises(ImportError, match="torch_npu"):

@@ -6,8 +6,9 @@ Per CP size: prefill time of a ``--context``-token text prompt, per-token decode
 the engine's cached decoding (``--new-tokens`` steps, KV cache sharded over CP; mean and
 median, the median being robust to the host's stalls) and of the fixed-length method (the
 whole prompt + max-output sequence re-run per token, ``--fixed-steps`` steps, mean), their
-ratios, and each rank's peak RSS (CPU; peak allocated memory on CUDA). The model is the "tiny" preset with random weights (random init is enough:
-cost does not depend on the values). Prints one JSON line; times are the slowest rank's.
+ratios, and each rank's peak RSS (CPU; peak allocated memory on CUDA). The model is the "tiny"
+preset with random weights (random init is enough: cost does not depend on the values).
+Prints one JSON line; times are the slowest rank's.
 """
 
 from __future__ import annotations
@@ -33,20 +34,22 @@ def _peak_memory_mib() -> float:
 
 def _rank_benchmark(cp_size: int, context: int, new_tokens: int, fixed_steps: int) -> dict[str, float]:
     from megatron_longvita.config.parallel import ParallelConfig
-    from megatron_longvita.inference import GenerationConfig, InferenceEngine, Prompt
-    from megatron_longvita.inference.attention import CACHED_LAYER_SPEC
+    from megatron_longvita.inference import GenerationConfig, GenerationRequest, InferenceEngine
     from megatron_longvita.models.heads import HeadConfig
     from megatron_longvita.models.long_vita import long_vita_provider
     from megatron_longvita.models.presets import get_preset
-    from megatron_longvita.platform import initialize_distributed
+    from megatron_longvita.models.specs import INFERENCE
+    from megatron_longvita.platform import initialize_distributed, setup_platform
     from megatron_longvita.training.loop import build_model_chunks
 
     parallel = ParallelConfig(context_parallel_size=cp_size)
-    initialize_distributed(parallel)
+    platform = setup_platform()
+    initialize_distributed(parallel, platform=platform)
     config = get_preset("tiny")
-    [model] = build_model_chunks(long_vita_provider(config, parallel, layer_spec=CACHED_LAYER_SPEC, head=HeadConfig()))
+    [model] = build_model_chunks(long_vita_provider(config, parallel, platform=platform, purpose=INFERENCE,
+                                                    head=HeadConfig()))
     engine = InferenceEngine(model.eval(), config.decoder.vocab_size)
-    prompt = Prompt(torch.randint(0, 200, (context,), generator=torch.Generator().manual_seed(0)).tolist())
+    prompt = GenerationRequest(torch.randint(0, 200, (context,), generator=torch.Generator().manual_seed(0)).tolist())
     engine.generate([prompt], GenerationConfig(max_new_tokens=8))  # warm-up
     cached = engine.generate([prompt], GenerationConfig(max_new_tokens=new_tokens + 1))[0].tokens
     cached_timing = engine.timing

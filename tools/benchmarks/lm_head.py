@@ -27,7 +27,6 @@ import json
 import os
 import sys
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,12 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 from megatron_longvita.models.heads import OUTPUT_HEADS, OutputHead, VocabProjection  # noqa: E402
+from tests.references import LiveTensorBytes  # noqa: E402  (the tracker the head tests use)
 
 HEADS = ("full", "chunked", "masked")
 GIB = 2**30
@@ -60,47 +58,14 @@ class Step:
         return self.peak + self.inputs
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of the tensor storages created while the mode is active and still alive.
-
-    ``inputs`` existed before: views of them (a weight's transpose) allocate nothing.
-    """
-
-    def __init__(self, inputs: tuple[torch.Tensor, ...] = ()) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen: set[int] = {id(tensor.untyped_storage()) for tensor in inputs}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                self._track(tensor.untyped_storage())
-        return out
-
-    def _track(self, storage: torch.UntypedStorage) -> None:
-        key = id(storage)  # storages keep their Python object while alive, so id() is stable
-        if key in self._seen:  # views and in-place results share a storage
-            return
-        self._seen.add(key)
-        self.live += storage.nbytes()
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._free, key, storage.nbytes())
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._seen.discard(key)
-        self.live -= nbytes
-
-
 def _init_tensor_parallel_group() -> None:
     """megatron's cross-entropy all-reduces over the TP group: a one-rank gloo world."""
     from megatron_longvita.config.parallel import ParallelConfig
-    from megatron_longvita.platform import initialize_distributed
+    from megatron_longvita.platform import initialize_distributed, setup_platform
     from tests.harness import free_port
 
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    initialize_distributed(ParallelConfig())
+    initialize_distributed(ParallelConfig(), platform=setup_platform())
 
 
 def _inputs(tokens: int, hidden: int, vocab: int, label_fraction: float, seed: int = 0):

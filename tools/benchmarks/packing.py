@@ -1,11 +1,19 @@
 """Packing efficiency and preprocessing throughput of the data pipeline on a synthetic corpus.
 
     python tools/benchmarks/packing.py [--seq-length 16384] [--samples 2000] [--tokenizer DIR]
+    python tools/benchmarks/packing.py --source parquet [--parquet-rows 600]
 
 Corpus (realistic length mix at 448 px tiles, 256 tokens per tile): many short single-image
 VQA samples, some multi-image samples, a few long videos (PyAV-encoded mp4). Prints one JSON
 line: real-token fraction of packed rows (first-fit decreasing and greedy) against the
 pad-to-longest baseline on the same samples, and tiles/s decoded per worker process.
+
+``--source parquet``: a LLaVA-OneVision-layout parquet shard with the JPEG bytes embedded,
+read by the training loader (PackedDataLoader) with 1 and 2 workers, against the training
+consumption (tokens/s) of the tiny TP=2 quickstart step measured in the same run (2 gloo
+ranks, tools/make_synthetic_dataset.py corpus). Prints one JSON line: samples/s, tiles/s and
+real tokens/s delivered, at the tiny model's tiles (the goal: one worker keeps up) and at
+448 px.
 """
 
 from __future__ import annotations
@@ -13,13 +21,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import io
 import os
+import re
+import subprocess
+import sys
 import tempfile
 import time
 from fractions import Fraction
 
 import av
 import numpy as np
+import psutil
 import yaml
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -108,6 +121,144 @@ def pad_to_longest_fraction(lengths: list[int], micro_batch_size: int) -> float:
     return sum(lengths) / padded
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parquet_corpus(root: str, rows: int, rng: np.random.Generator) -> str:
+    """A LLaVA-OneVision-layout shard (id, image {bytes, path}, conversations, data_source), row groups of 100."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    encoded = []
+    for index in range(40):
+        width, height = IMAGE_SIZES[index % len(IMAGE_SIZES)]
+        buffer = io.BytesIO()
+        noise = rng.integers(0, 256, size=(max(1, height // 16), max(1, width // 16), 3), dtype=np.uint8)
+        Image.fromarray(noise).resize((width, height), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    records = [
+        {
+            "id": str(index),
+            "image": {"bytes": encoded[index % len(encoded)], "path": f"{index}.jpg"},
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + sentence(rng, 5, 40)},
+                {"from": "gpt", "value": sentence(rng, 1, 120)},
+            ],
+            "data_source": "benchmark",
+        }
+        for index in range(rows)
+    ]
+    path = os.path.join(root, "onevision.parquet")
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=100)
+    mixture = os.path.join(root, "parquet_mixture.yaml")
+    with open(mixture, "w", encoding="utf-8") as handle:
+        yaml.safe_dump({"dataset": {"onevision": {"ratio": 1.0, "data_paths": [path]}}}, handle)
+    return mixture
+
+
+def process_cpu_seconds(processes: list) -> dict[int, float]:
+    """user + system CPU seconds of each live process, by pid."""
+    seconds = {}
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            seconds[process.pid] = times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return seconds
+
+
+def loader_rate(config: DataConfig, batches: int) -> dict:
+    """What the loader delivers after its first batch (worker start-up excluded): samples, tiles
+    and real tokens per wall second, and real tokens per CPU second of its busiest process (the
+    rate with a core per loader process, whatever else shares the machine)."""
+    iterator = iter(PackedDataLoader(config))
+    next(iterator)
+    here = psutil.Process()
+    processes = [here, *here.children(recursive=True)]
+    cpu_before = process_cpu_seconds(processes)
+    started = time.perf_counter()
+    samples = tiles = tokens = 0
+    for _ in range(batches):
+        batch = next(iterator)
+        samples += batch["stats"]["samples"]
+        tokens += batch["stats"]["real_tokens"]
+        tiles += batch["pixel_values"].shape[0]
+    seconds = time.perf_counter() - started
+    cpu_after = process_cpu_seconds(processes)
+    busiest = max(cpu_after[pid] - cpu_before[pid] for pid in cpu_after if pid in cpu_before)
+    return {"workers": config.num_workers, "samples_per_s": round(samples / seconds, 1),
+            "tiles_per_s": round(tiles / seconds, 1), "tokens_per_s": round(tokens / seconds, 1),
+            "per_cpu_s_busiest_process": {"samples": round(samples / busiest, 1), "tiles": round(tiles / busiest, 1),
+                                          "tokens": round(tokens / busiest, 1)}}  # fmt: skip
+
+
+def tiny_training_rates(root: str, iterations: int) -> dict:
+    """Real tokens/s the tiny TP=2 quickstart stage-1 step consumes, from an actual 2-rank gloo
+    run: the median logged wall rate after the first window, and tokens per CPU second of the
+    busiest rank (the rate with a core per rank)."""
+    data = os.path.join(root, "tiny_corpus")
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_synthetic_dataset.py"), "--out", data],
+                   check=True, capture_output=True, cwd=REPO)  # fmt: skip
+    env = {**os.environ, "LONGVITA_PLATFORM": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", os.environ.get("MASTER_PORT", "29533"), "-m", "megatron_longvita.train",
+        "--config", os.path.join(REPO, "examples", "configs", "tiny_stage1.yaml"),
+        "--train-iters", str(iterations), "--log-interval", "2",
+        "--data-path", os.path.join(data, "mixture.yaml"), "--tokenizer-model", os.path.join(data, "tokenizer"),
+    ]  # fmt: skip
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                env=env)  # fmt: skip
+    ranks: list = []
+    windows = []  # (arrival time, logged tokens/s, CPU seconds by rank)
+    tail = []
+    for line in launcher.stdout:
+        tail = (tail + [line])[-40:]
+        match = re.search(r'"tokens_per_s": ([0-9.]+)', line)
+        if match:
+            ranks = ranks or [child for child in psutil.Process(launcher.pid).children(recursive=True)
+                              if "megatron_longvita.train" in " ".join(child.cmdline())]  # fmt: skip
+            windows.append((time.perf_counter(), float(match.group(1)), process_cpu_seconds(ranks)))
+    if launcher.wait():
+        raise SystemExit("tiny training run failed:\n" + "".join(tail))
+    if len(windows) < 3:
+        raise SystemExit("tiny training run logged fewer than three tokens_per_s windows")
+    tokens = busiest = 0.0
+    for (before, _, cpu_before), (after, rate, cpu_after) in zip(windows[1:], windows[2:]):
+        tokens += rate * (after - before)
+        busiest += max(cpu_after[pid] - cpu_before[pid] for pid in cpu_after)
+    return {"tokens_per_s": round(float(np.median([rate for _, rate, _ in windows[1:]])), 1),
+            "tokens_per_cpu_s_busiest_rank": round(tokens / busiest, 1)}  # fmt: skip
+
+
+def parquet_benchmark(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as root:
+        rng = np.random.default_rng(0)
+        mixture = build_parquet_corpus(root, args.parquet_rows, rng)
+        tokenizer_dir = args.tokenizer or train_tokenizer(root)
+        training = tiny_training_rates(root, args.train_iters)
+        # the tiny quickstart's data settings (examples/configs/tiny_stage1.yaml): 56 px tiles, 4 tokens each
+        tiny = DataConfig(mixture=mixture, tokenizer=tokenizer_dir, seq_length=256, pack_buffer_size=128,
+                          media=MediaConfig(image_size=56, max_tiles=4, max_num_frames=4))  # fmt: skip
+        full = dataclasses.replace(tiny, seq_length=args.seq_length, pack_buffer_size=256,
+                                   media=MediaConfig(image_size=448, max_tiles=12, max_num_frames=128))  # fmt: skip
+        tiny_rates = [loader_rate(dataclasses.replace(tiny, num_workers=w), args.tiny_batches) for w in (1, 2)]
+        full_rates = [loader_rate(dataclasses.replace(full, num_workers=w), args.throughput_batches) for w in (1, 2)]
+    print(json.dumps({
+        "source": "parquet (LLaVA-OneVision layout, embedded JPEG, row groups of 100)",
+        "rows": args.parquet_rows,
+        "tiny_tp2_training": training,
+        "tiny_tiles_56px": {
+            "seq_length": 256, "loader": tiny_rates,
+            "one_worker_over_training_wall": round(tiny_rates[0]["tokens_per_s"] / training["tokens_per_s"], 2),
+            "one_worker_over_training_per_core": round(
+                tiny_rates[0]["per_cpu_s_busiest_process"]["tokens"] / training["tokens_per_cpu_s_busiest_rank"], 2),
+        },
+        "tiles_448px": {"seq_length": args.seq_length, "loader": full_rates},
+    }))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-length", type=int, default=16384)
@@ -116,14 +267,21 @@ def main() -> None:
     parser.add_argument("--baseline-micro-batch", type=int, default=8)
     parser.add_argument("--throughput-batches", type=int, default=4)
     parser.add_argument("--tokenizer", default=None, help="HF tokenizer dir (default: a small BPE trained here)")
+    parser.add_argument("--source", choices=("jsonl", "parquet"), default="jsonl")
+    parser.add_argument("--parquet-rows", type=int, default=600)
+    parser.add_argument("--tiny-batches", type=int, default=40, help="parquet: micro-batches timed at 56 px")
+    parser.add_argument("--train-iters", type=int, default=12, help="parquet: tiny TP=2 training iterations")
     args = parser.parse_args()
+    if args.source == "parquet":
+        parquet_benchmark(args)
+        return
 
     with tempfile.TemporaryDirectory() as root:
         rng = np.random.default_rng(0)
         mixture = build_corpus(root, args.samples, rng)
         config = DataConfig(
             mixture=mixture,
-            tokenizer_dir=args.tokenizer or train_tokenizer(root),
+            tokenizer=args.tokenizer or train_tokenizer(root),
             seq_length=args.seq_length,
             pack_buffer_size=args.pack_buffer_size,
             num_workers=0,  # everything below runs in this one process: per-worker figures

@@ -27,16 +27,19 @@ def frame_color(index: int) -> tuple[int, int, int]:
     return tuple(((index >> shift) % 16) * 16 + 8 for shift in (0, 4, 8))
 
 
-def make_video(path: str, num_frames: int, fps: int = 10, size: int = 32, gop: int = 10) -> str:
-    """An mp4 whose frame i is a flat frame_color(i); keyframe every ``gop`` frames."""
+def make_video(
+    path: str, num_frames: int, fps: int = 10, size: int = 32, gop: int = 10, height: int | None = None
+) -> str:
+    """An mp4 whose frame i is a flat frame_color(i), size x (height or size); keyframe every ``gop`` frames."""
+    height = height or size
     with av.open(path, mode="w") as container:
         stream = container.add_stream("mpeg4", rate=Fraction(fps))
-        stream.width = stream.height = size
+        stream.width, stream.height = size, height
         stream.pix_fmt = "yuv420p"
         stream.gop_size = gop
         stream.codec_context.qmin = stream.codec_context.qmax = 2  # near-lossless: colours stay identifiable
         for index in range(num_frames):
-            pixels = np.full((size, size, 3), frame_color(index), dtype=np.uint8)
+            pixels = np.full((height, size, 3), frame_color(index), dtype=np.uint8)
             frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             frame.pts = index
             container.mux(stream.encode(frame))

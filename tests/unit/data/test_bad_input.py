@@ -4,7 +4,7 @@ import os
 import pytest
 
 from megatron_longvita.data import BadSampleError, DataConfig, PackedDataLoader, SkipReason
-from megatron_longvita.data.inspect import inspect_mixture, main
+from megatron_longvita.data.inspect_mixture import inspect_mixture, main
 
 from .factories import make_empty_video, make_frame_dir, make_image, vqa, write_jsonl, write_mixture
 
@@ -52,7 +52,7 @@ def bad_corpus(tmp_path) -> dict:
 
 def make_config(bad_corpus, tokenizer_dir, media_config, **overrides) -> DataConfig:
     settings = dict(
-        mixture=bad_corpus["mixture"], tokenizer_dir=tokenizer_dir, seq_length=512, num_workers=0,
+        mixture=bad_corpus["mixture"], tokenizer=tokenizer_dir, seq_length=512, num_workers=0,
         pack_buffer_size=12, media=media_config,
     )  # fmt: skip
     return DataConfig(**{**settings, **overrides})

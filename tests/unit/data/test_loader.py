@@ -12,14 +12,13 @@ from megatron_longvita.data import (
     MixtureStream,
     PackedDataLoader,
     load_mixture,
-    packed_seq_params,
 )
 
 
 def make_config(corpus, tokenizer_dir, media_config, **overrides) -> DataConfig:
     settings = dict(
         mixture=corpus["mixture"],
-        tokenizer_dir=tokenizer_dir,
+        tokenizer=tokenizer_dir,
         seq_length=320,
         pack_buffer_size=16,
         num_workers=0,
@@ -98,13 +97,6 @@ def test_no_reset_positions_and_fill(corpus, tokenizer_dir, media_config) -> Non
     reset = take(PackedDataLoader(dataclasses.replace(config, packing="reset")), 6)
     for a, b in zip(batches, reset):
         assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
-
-
-def test_packed_seq_params(corpus, tokenizer_dir, media_config) -> None:
-    batch = take(PackedDataLoader(make_config(corpus, tokenizer_dir, media_config)), 1)[0]
-    params = packed_seq_params(batch["cu_seqlens"])
-    assert params.qkv_format == "thd"
-    assert params.max_seqlen_q == int(torch.diff(batch["cu_seqlens"]).max())
 
 
 def test_exact_resume(corpus, tokenizer_dir, media_config) -> None:

@@ -1,6 +1,6 @@
 """Inspect a mixture before training: what is read, used, skipped (and why), how well it packs.
 
-    python -m megatron_longvita.data.inspect --mixture M.yaml --tokenizer DIR --seq-length N [--reset] [--json]
+    python -m megatron_longvita.data.inspect_mixture --mixture M.yaml --tokenizer DIR --seq-length N [--reset] [--json]
 
 Goes over one mixture epoch (or ``--max-samples``) on a single rank. Planning reads media
 headers only; ``--decode`` also decodes every image and video, as training would.
@@ -19,7 +19,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .config import DataConfig, MediaConfig
+from megatron_longvita.config.data import DataConfig, MediaConfig
+
 from .loader import PackedDataLoader, plan_window
 from .sample import PreparedSample, load_media_pixels
 from .skips import BadSampleError, Skip, handle_bad_sample
@@ -128,7 +129,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m megatron_longvita.data.inspect", description=__doc__.splitlines()[0]
+        prog="python -m megatron_longvita.data.inspect_mixture", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--mixture", required=True, help="stage mixture YAML")
     parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory")
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = DataConfig(
         mixture=args.mixture,
-        tokenizer_dir=args.tokenizer,
+        tokenizer=args.tokenizer,
         seq_length=args.seq_length,
         packing="reset" if args.reset else "no_reset",
         bin_packer=args.bin_packer,

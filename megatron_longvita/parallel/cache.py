@@ -1,4 +1,4 @@
-"""The engine's KV cache: per layer, this rank's keys and values, preallocated.
+"""The KV cache of cached ring attention (inference): per layer, this rank's keys and values, preallocated.
 
 Keys are stored as core attention receives them, i.e. already rotated by RoPE, so decoding
 never re-rotates the past. Under context parallelism a rank caches its zigzag share of the
@@ -9,6 +9,7 @@ its slots) plus the generated tokens appended to it; under TP only its heads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
