@@ -100,12 +100,16 @@ def build_prompt(args: argparse.Namespace):
             ids = json.load(f)
         pixel_values = torch.from_numpy(np.load(args.pixel_values_file)) if args.pixel_values_file else None
         return GenerationRequest(ids, pixel_values), None
-    from megatron_longvita.config.tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+    from megatron_longvita.config.tokens import CONTEXT_TOKENS, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
     from megatron_longvita.data import ChatTokenizer, MediaConfig
     from megatron_longvita.data.prompt import build_inference_prompt
 
     tokenizer = ChatTokenizer.from_dir(args.tokenizer)
     model_config, _ = load_model_config(args.load)
+    lacking = [token for token in CONTEXT_TOKENS if token not in model_config.context_tokens]
+    if (args.image or args.video) and lacking:  # e.g. an InternVL conversion: every tile on <IMG_CONTEXT>
+        raise SystemExit(f"error: the model in {args.load} defines no {', '.join(lacking)}, which --prompt's "
+                         "Long-VITA media layout needs; pass --input-ids-file and --pixel-values-file instead")
     overrides = {} if args.max_num_frames is None else {"max_num_frames": args.max_num_frames}
     media = MediaConfig.from_model_config(model_config, **overrides)
     text = args.prompt

@@ -28,8 +28,9 @@ from megatron_longvita.checkpoint.dist import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
-from megatron_longvita.checkpoint.model_config import save_model_config
+from megatron_longvita.checkpoint.model_config import has_model_config, load_model_config, save_model_config
 from megatron_longvita.config.parallel import ConfigError
+from megatron_longvita.config.tokens import CONTEXT_TOKENS
 from megatron_longvita.config.train import TrainConfig, parse_args
 from megatron_longvita.data import build_data_loader
 from megatron_longvita.data.distribute import BroadcastLoader
@@ -73,16 +74,48 @@ def vision_lr_overrides(config: TrainConfig, model: ModelConfig) -> dict[ParamKe
     return overrides
 
 
+def checkpoint_model_config(config: TrainConfig) -> Optional[str]:
+    """The checkpoint whose weights this run starts from (as `_restore` picks it), if any."""
+    ckpt = config.checkpoint
+    if ckpt.save and latest_checkpoint_dir(ckpt.save) is not None:
+        return latest_checkpoint_dir(ckpt.save)
+    if ckpt.load:
+        source = latest_checkpoint_dir(ckpt.load) or ckpt.load
+        if not has_model_config(source):
+            raise ConfigError(f"--load {ckpt.load}: {source} has no model config; load a checkpoint written by "
+                              "hf2mcore or by train")
+        return source
+    return None
+
+
 def resolve_model(config: TrainConfig, tokenizer) -> ModelConfig:
-    """The preset, checked against the tokenizer the data uses (ids must agree with checkpoints)."""
-    model = get_preset(config.model.preset)
-    if tokenizer.context_token_ids != model.context_token_ids:
-        raise ConfigError(f"tokenizer {config.data.tokenizer}: context token ids {tokenizer.context_token_ids} differ "
-                          f"from preset {config.model.preset!r}'s {model.context_token_ids}; use the tokenizer the "
-                          "checkpoint was trained with")
+    """The model of the checkpoint the run starts from, else the preset; a preset that disagrees
+    with the checkpoint is refused, naming the fields. The tokenizer must give every placeholder
+    the model's id (ids must agree with checkpoints)."""
+    source, preset = checkpoint_model_config(config), config.model.preset
+    if source is not None:
+        model, _ = load_model_config(source)
+        if preset is not None and (differences := get_preset(preset).differences(model)):
+            fields = "; ".join(f"{name}: preset {mine!r}, checkpoint {theirs!r}"
+                               for name, (mine, theirs) in differences.items())
+            raise ConfigError(f"model.preset {preset!r} disagrees with the model config of {source}: {fields}. "
+                              "Drop model.preset to train the checkpoint's model")
+        described = f"the model of {source}"
+    elif preset is None:
+        raise ConfigError("set model.preset (e.g. qwen2.5-14b) or --load a checkpoint that carries its model config")
+    else:
+        model, described = get_preset(preset), f"preset {preset!r}"
+    lacking = [token for token in CONTEXT_TOKENS if token not in model.context_tokens]
+    if lacking:
+        raise ConfigError(f"{described} defines no {', '.join(lacking)} (an InternVL conversion puts every tile on "
+                          "<IMG_CONTEXT>); training lays images and videos out as Long-VITA does and needs them")
+    for token, token_id in model.context_tokens.items():
+        if tokenizer.ids[token] != token_id:
+            raise ConfigError(f"tokenizer {config.data.tokenizer}: {token} has id {tokenizer.ids[token]}, {described} "
+                              f"uses {token_id}; use the tokenizer the checkpoint was trained with")
     if tokenizer.vocab_size > model.decoder.vocab_size:
-        raise ConfigError(f"tokenizer {config.data.tokenizer} has {tokenizer.vocab_size} tokens, more than preset "
-                          f"{config.model.preset!r}'s vocabulary ({model.decoder.vocab_size})")
+        raise ConfigError(f"tokenizer {config.data.tokenizer} has {tokenizer.vocab_size} tokens, more than "
+                          f"{described}'s vocabulary ({model.decoder.vocab_size})")
     return model
 
 
@@ -153,7 +186,7 @@ def _restore(config: TrainConfig, state: TrainState, loader) -> int:
         if latest is not None and not ckpt.finetune:
             return resume(ckpt.load)
         source = latest or ckpt.load  # --finetune / converted HF: weights only, fresh optimizer
-        load_model(state.model, source)
+        load_model(state.model, source, allow_unused=ckpt.allow_unused_tensors)
         logger.info("loaded weights from %s (fresh optimizer, scheduler and data)", source)
     return 0
 
@@ -161,7 +194,8 @@ def _restore(config: TrainConfig, state: TrainState, loader) -> int:
 def prepare(config: TrainConfig) -> tuple[TrainState, object, ModelConfig]:
     """Validate, apply the platform's patches, initialise the process groups, build model +
     optimizer and this rank's data."""
-    config.validate(int(os.environ.get("WORLD_SIZE", "1")), get_preset(config.model.preset))
+    preset = config.model.preset
+    config.validate(int(os.environ.get("WORLD_SIZE", "1")), get_preset(preset) if preset is not None else None)
     if not config.data.mixture or not config.data.tokenizer:
         raise ConfigError("set the data mixture (data.mixture / --data-path) and the tokenizer "
                           "(data.tokenizer / --tokenizer-model)")
@@ -170,6 +204,7 @@ def prepare(config: TrainConfig) -> tuple[TrainState, object, ModelConfig]:
     from megatron_longvita.data import ChatTokenizer
 
     model = resolve_model(config, ChatTokenizer.from_dir(config.data.tokenizer))
+    model.validate_parallel(config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size)
     return setup(config, model, platform), build_loader(config, model, platform), model
 
 
@@ -181,7 +216,8 @@ def train(config: TrainConfig) -> list[float]:
 def run_iterations(config: TrainConfig, state: TrainState, loader, model: ModelConfig) -> list[float]:
     world_size = torch.distributed.get_world_size()
     # generate.py and mcore2hf rebuild the model from this file next to the weights
-    model_config_writer = functools.partial(save_model_config, config=model, dtype=config.params_dtype)
+    model_config_writer = functools.partial(save_model_config, config=model, dtype=config.params_dtype,
+                                            tokenizer=config.data.tokenizer)
     if not config.checkpoint.save:
         logger.warning("no --save given: this run writes no checkpoints")
     start = _restore(config, state, loader)

@@ -1,13 +1,12 @@
-"""ONE declarative HF <-> megatron-core table (docs/design.md, "Checkpoint names") and the named tensor transforms.
+"""The HF <-> megatron-core tensor rows and the named tensor transforms (docs/design.md, "Checkpoint names").
 
 Each row says which HF tensors make one megatron tensor and by which transform; both
 directions run from the same row. Megatron names are those of the unsharded (TP=1) local-spec
 model; tensor-parallel splits are not in the table because torch_dist checkpoints are saved
 whole-tensor-addressed and megatron's dist_checkpointing reshards them on load.
 
-Formats: ``internvl`` (transformers' InternVLForConditionalGeneration, both its on-disk and
-its module names), ``longvita`` (the Long-VITA released HF names), ``qwen2`` (a text-only
-Qwen2 checkpoint) and ``internvit`` (a standalone InternViT checkpoint, vision only).
+The rows are building blocks: each registered checkpoint format (checkpoint/formats.py) puts
+them under its own prefixes as `Part`s, one list of parts per on-disk layout it reads.
 """
 
 from __future__ import annotations
@@ -163,26 +162,10 @@ class Part:
     hf_prefix: str
 
 
-def _multimodal(vision: list[Row], projector: list[Row], prefixes: tuple[str, str, str, str]) -> list[Part]:
+def multimodal_parts(vision: list[Row], projector: list[Row], prefixes: tuple[str, str, str, str]) -> list[Part]:
+    """Vision tower, projector, LLM and output layer under the given HF prefixes."""
     return [Part("vision.", vision, prefixes[0]), Part("projector.", projector, prefixes[1]),
             Part("language_model.", LANGUAGE_ROWS, prefixes[2]), Part("language_model.", HEAD_ROWS, prefixes[3])]
-
-
-# format -> its on-disk layouts; the first is the one written. transformers' save_pretrained
-# writes InternVL under the hub names (vision_tower., language_model.model., ...), its modules
-# are named model.vision_tower., model.language_model., ...; both are read.
-FORMATS: dict[str, list[list[Part]]] = {
-    "internvl": [
-        _multimodal(VISION_ROWS["internvl"], PROJECTOR_ROWS["internvl"],
-                    ("vision_tower.", "multi_modal_projector.", "language_model.model.", "language_model.")),
-        _multimodal(VISION_ROWS["internvl"], PROJECTOR_ROWS["internvl"],
-                    ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "")),
-    ],
-    "longvita": [_multimodal(VISION_ROWS["internvit"], PROJECTOR_ROWS["longvita"],
-                             ("model.vision_model.", "model.vision_projection.", "model.", ""))],
-    "qwen2": [[Part("language_model.", LANGUAGE_ROWS, "model."), Part("language_model.", HEAD_ROWS, "")]],
-    "internvit": [[Part("vision.", VISION_ROWS["internvit"], "")]],
-}
 
 
 @dataclass(frozen=True)
@@ -208,24 +191,22 @@ def _expand(parts: list[Part], config: ModelConfig, wanted: set[str], named: dic
     return result
 
 
-def mappings(fmt: str, config: ModelConfig, mcore_names: Sequence[str],
+def mappings(layouts: list[list[Part]], config: ModelConfig, mcore_names: Sequence[str],
              hf_names: Optional[Sequence[str]] = None) -> list[Mapping]:
-    """The table for `fmt`, expanded over layers and weight/bias, restricted to `mcore_names`.
+    """A format's rows, expanded over layers and weight/bias, restricted to `mcore_names`.
 
     The model decides which tensors exist (e.g. projector biases); every one of them under
     the format's parts must be covered by a row, or the table is incomplete. With `hf_names`
-    (reading), the layout that names most of them is used; else the format's first layout.
+    (reading), the layout that names most of them is used; else the first layout.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown checkpoint format {fmt!r}; expected one of {', '.join(FORMATS)}")
     named = transforms(config)
     wanted = set(mcore_names)
-    layouts = [_expand(parts, config, wanted, named) for parts in FORMATS[fmt]]
+    expanded = [_expand(parts, config, wanted, named) for parts in layouts]
     present = set(hf_names or ())
-    result = max(layouts, key=lambda rows: sum(name in present for row in rows for name in row.hf))
+    result = max(expanded, key=lambda rows: sum(name in present for row in rows for name in row.hf))
     covered = {row.mcore for row in result}
-    prefixes = {part.mcore_prefix for part in FORMATS[fmt][0]}
+    prefixes = {part.mcore_prefix for part in layouts[0]}
     uncovered = sorted(n for n in wanted if n.startswith(tuple(prefixes)) and n not in covered)
     if uncovered:
-        raise KeyError(f"the {fmt} table has no row for megatron tensor(s) {', '.join(uncovered)}")
+        raise KeyError(f"the table has no row for megatron tensor(s) {', '.join(uncovered)}")
     return result

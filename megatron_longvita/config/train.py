@@ -30,7 +30,7 @@ from megatron_longvita.registry import BIN_PACKERS, OUTPUT_HEADS, PACKING_LAYOUT
 
 @dataclass(frozen=True)
 class ModelSection:
-    preset: str = "tiny"
+    preset: Optional[str] = None  # None: the model config of the checkpoint in --load / --save
     provider: str = "long_vita"
     freeze_vision: bool = False
     freeze_projector: bool = False
@@ -70,6 +70,7 @@ class CheckpointSection:
     load: Optional[str] = None
     save_interval: int = 0
     finetune: bool = False  # load weights only: fresh optimizer, scheduler and data (stage N -> N+1)
+    allow_unused_tensors: bool = False  # --load a checkpoint with tensors the model lacks: log each, not fail
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, str, type, Optional[str]]] = {
     "--load": _flag("checkpoint", "load", str),
     "--save-interval": _flag("checkpoint", "save_interval"),
     "--finetune": _flag("checkpoint", "finetune", bool, "store_true"),
+    "--allow-unused-tensors": _flag("checkpoint", "allow_unused_tensors", bool, "store_true"),
     "--recompute-num-layers": _flag("model", "recompute_num_layers"),
     "--vision-recompute-num-layers": _flag("model", "vision_recompute_num_layers"),
     "--lm-head": _flag("model", "lm_head", str),

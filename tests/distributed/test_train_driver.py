@@ -148,7 +148,7 @@ def _initial_weights(config) -> dict[str, torch.Tensor]:
 
 
 def test_load_accepts_a_converted_hf_checkpoint(corpus, tmp_path) -> None:
-    """Train, export to HF InternVL (mcore2hf), import it back (hf2mcore), and start a new
+    """Train, export to HF in the Long-VITA layout (mcore2hf), import it back (hf2mcore), and start a new
     stage from the imported directory with --load: the weights it starts from are the ones
     the first run ended with (exact; same TP=1 layout on both sides). The vocabulary's padding
     rows are not part of an HF checkpoint and come back as zeros: compared up to the real vocab."""
@@ -156,8 +156,8 @@ def test_load_accepts_a_converted_hf_checkpoint(corpus, tmp_path) -> None:
     config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, train_iters=2),
                                  checkpoint=dataclasses.replace(config.checkpoint, save=str(tmp_path / "run")))
     run_distributed(_run_driver, 1, config, timeout=300)
-    run_distributed(_convert, 1, "mcore2hf", str(tmp_path / "run" / "iter_0000002"), str(tmp_path / "hf"), "internvl")
-    run_distributed(_convert, 1, "hf2mcore", str(tmp_path / "hf"), str(tmp_path / "imported"), "internvl")
+    run_distributed(_convert, 1, "mcore2hf", str(tmp_path / "run" / "iter_0000002"), str(tmp_path / "hf"), "longvita")
+    run_distributed(_convert, 1, "hf2mcore", str(tmp_path / "hf"), str(tmp_path / "imported"), "longvita")
     [trained] = run_distributed(_final_weights, 1, str(tmp_path / "run"))
     next_stage = dataclasses.replace(config, checkpoint=dataclasses.replace(
         config.checkpoint, save=None, load=str(tmp_path / "imported"), finetune=True))

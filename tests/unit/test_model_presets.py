@@ -1,5 +1,6 @@
-"""Presets: the 14B model instantiates on the meta device with the published parameter count;
-geometry and placeholder ids agree with the data pipeline."""
+"""Presets: the 14B model instantiates on the meta device with the released checkpoint's parameter
+count (computed here from the component configs); geometry and placeholder ids agree with the
+data pipeline."""
 
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ def internvit_300m_params() -> int:
     return layers * layer + embeddings
 
 
-def projector_params() -> int:
-    """LayerNorm(4096) -> Linear 4096->5120 -> GELU -> Linear 5120->5120, no biases (Long-VITA)."""
-    return 2 * 4096 + 4096 * 5120 + 5120 * 5120
+def projector_params(vit_hidden: int = 1024, llm_hidden: int = 5120, downsample_ratio: float = 0.5) -> int:
+    """Long-VITA's ResamplerProjector: LayerNorm(4 x vit) -> Linear(4 x vit -> vit) -> GELU ->
+    Linear(vit -> llm), no biases (4096 -> 1024 -> 5120 for 14B)."""
+    width = vit_hidden * int(1 / downsample_ratio) ** 2
+    return 2 * width + width * vit_hidden + vit_hidden * llm_hidden
 
 
 def count_on_meta(preset: str) -> dict[str, int]:
@@ -46,13 +49,14 @@ def count_on_meta(preset: str) -> dict[str, int]:
             for part in ("language_model", "vision", "projector")}
 
 
-def test_14b_preset_on_meta_matches_published_counts() -> None:
+def test_14b_preset_on_meta_matches_the_released_checkpoint() -> None:
     [counts] = run_distributed(count_on_meta, 1, "qwen2.5-14b")
     assert qwen25_14b_params() == 14_770_033_664
     assert internvit_300m_params() == 304_012_288
+    assert projector_params() == 9_445_376
     assert counts == {"language_model": qwen25_14b_params(), "vision": internvit_300m_params(),
                       "projector": projector_params()}
-    assert sum(counts.values()) == 15_121_240_064
+    assert sum(counts.values()) == 15_083_491_328
 
 
 def test_presets_are_registered() -> None:
