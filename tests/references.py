@@ -240,6 +240,9 @@ class LiveTensorBytes(TorchDispatchMode):
         for label, nbytes in self._at_peak:
             totals[label] += nbytes
             counts[label] += 1
-        rows = [{"mib": round(nbytes / MIB, 3), "count": counts[label], "what": label}
-                for label, nbytes in totals.most_common(top) if nbytes >= min_bytes]
+        rows = [
+            {"mib": round(nbytes / MIB, 3), "count": counts[label], "what": label}
+            for label, nbytes in totals.most_common(top)
+            if nbytes >= min_bytes
+        ]
         return rows

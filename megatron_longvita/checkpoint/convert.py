@@ -34,8 +34,9 @@ from megatron_longvita.platform import initialize_distributed, setup_platform
 __all__ = ["ConversionError", "hf2mcore", "mcore2hf", "main"]
 
 
-def hf_to_mcore(checkpoint: HFCheckpoint, fmt: CheckpointFormat, config: ModelConfig,
-                expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hf_to_mcore(
+    checkpoint: HFCheckpoint, fmt: CheckpointFormat, config: ModelConfig, expected: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Megatron tensors from HF ones; every HF tensor must be used, every shape must match."""
     rows = mappings(fmt.layouts, config, list(expected), checkpoint.keys())
     converted, used = {}, set()
@@ -47,22 +48,27 @@ def hf_to_mcore(checkpoint: HFCheckpoint, fmt: CheckpointFormat, config: ModelCo
                 raise ConversionError(f"{checkpoint.directory}: missing tensor {name} (for {row.mcore})")
             found = checkpoint.shape(name)
             if found != tuple(shape):
-                raise ConversionError(f"{checkpoint.directory}: tensor {name} has shape {list(found)}, "
-                                      f"expected {list(shape)} (for {row.mcore})")
+                raise ConversionError(
+                    f"{checkpoint.directory}: tensor {name} has shape {list(found)}, "
+                    f"expected {list(shape)} (for {row.mcore})"
+                )
             tensors.append(checkpoint.get(name))
         converted[row.mcore] = row.transform.to_mcore(tensors)
         used.update(row.hf)
     extra = sorted(set(checkpoint.keys()) - used)
     if extra:
-        raise ConversionError(f"{checkpoint.directory}: {len(extra)} tensor(s) the {fmt.name} format does not map, "
-                              f"e.g. {', '.join(extra[:5])}")
+        raise ConversionError(
+            f"{checkpoint.directory}: {len(extra)} tensor(s) the {fmt.name} format does not map, "
+            f"e.g. {', '.join(extra[:5])}"
+        )
     return converted
 
 
 def mcore_to_hf(state: dict[str, torch.Tensor], fmt: CheckpointFormat, config: ModelConfig) -> dict[str, torch.Tensor]:
     tensors = {}
-    for row in tqdm(mappings(fmt.layouts, config, list(state)), desc=f"mcore2hf {fmt.name}", unit="tensor",
-                    leave=False):
+    for row in tqdm(
+        mappings(fmt.layouts, config, list(state)), desc=f"mcore2hf {fmt.name}", unit="tensor", leave=False
+    ):
         tensors.update(zip(row.hf, row.transform.to_hf(state[row.mcore])))
     return tensors
 
@@ -83,13 +89,20 @@ def _model_state(model: LongVitaModel) -> dict[str, torch.Tensor]:
 
 def _build_unsharded(config: ModelConfig, dtype: torch.dtype) -> LongVitaModel:
     # Local specs: the table uses their names, and torch_dist keys are the TE ones either way.
-    return build_long_vita(config, ParallelConfig(), params_dtype=dtype, layer_spec="local",
-                           vision_layer_spec="vision_local")
+    return build_long_vita(
+        config, ParallelConfig(), params_dtype=dtype, layer_spec="local", vision_layer_spec="vision_local"
+    )
 
 
-def hf2mcore(hf_dir: str, save_dir: str, fmt: Optional[str] = None, vision_hf_dir: Optional[str] = None,
-             tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-             tokenizer_dir: Optional[str] = None) -> ModelConfig:
+def hf2mcore(
+    hf_dir: str,
+    save_dir: str,
+    fmt: Optional[str] = None,
+    vision_hf_dir: Optional[str] = None,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    tokenizer_dir: Optional[str] = None,
+) -> ModelConfig:
     """Convert; the format comes from config.json's model_type unless named, token ids from the
     tokenizer files (`tokenizer_dir`, default the checkpoint's own)."""
     checkpoint = HFCheckpoint(hf_dir)
@@ -117,8 +130,9 @@ def hf2mcore(hf_dir: str, save_dir: str, fmt: Optional[str] = None, vision_hf_di
     return config
 
 
-def mcore2hf(load_dir: str, save_dir: str, fmt: str, max_shard_bytes: int = 5 * 2**30,
-             tokenizer_dir: Optional[str] = None) -> None:
+def mcore2hf(
+    load_dir: str, save_dir: str, fmt: str, max_shard_bytes: int = 5 * 2**30, tokenizer_dir: Optional[str] = None
+) -> None:
     """Export a converted or trained checkpoint (its latest iteration) as a complete HF directory."""
     source = latest_checkpoint_dir(load_dir) or load_dir
     config, dtype = load_model_config(source)
@@ -141,29 +155,42 @@ def main(argv: Optional[list[str]] = None) -> None:
     to_mcore.add_argument("--hf-dir", required=True)
     to_mcore.add_argument("--save-dir", required=True)
     standalone = [name for name in CHECKPOINT_FORMATS.names() if CHECKPOINT_FORMATS.get(name).standalone]
-    to_mcore.add_argument("--format", choices=standalone, default=None,
-                          help="source format (default: from config.json model_type)")
-    to_mcore.add_argument("--vision-hf-dir", default=None,
-                          help="InternViT checkpoint for the vision tower of a text-only qwen2 --hf-dir")
-    to_mcore.add_argument("--tokenizer", default=None,
-                          help="tokenizer directory whose tokens fix the placeholder ids (default: --hf-dir)")
-    add_parallel_arguments(to_mcore, ("tensor_model_parallel_size", "pipeline_model_parallel_size"),
-                           help={"tensor_model_parallel_size": "check the model builds at this layout "
-                                                               "(torch_dist loads at any layout)"})
+    to_mcore.add_argument(
+        "--format", choices=standalone, default=None, help="source format (default: from config.json model_type)"
+    )
+    to_mcore.add_argument(
+        "--vision-hf-dir", default=None, help="InternViT checkpoint for the vision tower of a text-only qwen2 --hf-dir"
+    )
+    to_mcore.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory whose tokens fix the placeholder ids (default: --hf-dir)"
+    )
+    add_parallel_arguments(
+        to_mcore,
+        ("tensor_model_parallel_size", "pipeline_model_parallel_size"),
+        help={"tensor_model_parallel_size": "check the model builds at this layout (torch_dist loads at any layout)"},
+    )
     to_hf = commands.add_parser("mcore2hf", help="megatron-core torch_dist -> HF safetensors")
     to_hf.add_argument("--load-dir", required=True)
     to_hf.add_argument("--save-dir", required=True)
     to_hf.add_argument("--format", choices=standalone, required=True)
     to_hf.add_argument("--max-shard-size-gb", type=float, default=5.0)
-    to_hf.add_argument("--tokenizer", default=None,
-                       help="tokenizer directory to export (default: the one the checkpoint carries)")
+    to_hf.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory to export (default: the one the checkpoint carries)"
+    )
     args = parser.parse_args(argv)
     setup_platform()
     try:
         if args.command == "hf2mcore":
             parallel = parallel_config_from_args(args)
-            hf2mcore(args.hf_dir, args.save_dir, args.format, args.vision_hf_dir, parallel.tensor_model_parallel_size,
-                     parallel.pipeline_model_parallel_size, args.tokenizer)
+            hf2mcore(
+                args.hf_dir,
+                args.save_dir,
+                args.format,
+                args.vision_hf_dir,
+                parallel.tensor_model_parallel_size,
+                parallel.pipeline_model_parallel_size,
+                args.tokenizer,
+            )
         else:
             mcore2hf(args.load_dir, args.save_dir, args.format, int(args.max_shard_size_gb * 2**30), args.tokenizer)
     except (ConversionError, TokenizerError) as error:

@@ -64,21 +64,33 @@ def _side(value: Any) -> int:
 
 # ---- Qwen2 text config (top level of qwen2 / longvita, text_config of internvl) ----
 
-QWEN2_KEYS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
-              "num_attention_heads": "num_attention_heads", "num_query_groups": "num_key_value_heads",
-              "vocab_size": "vocab_size", "max_position_embeddings": "max_position_embeddings",
-              "norm_epsilon": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings"}
+QWEN2_KEYS = {
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_key_value_heads",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "norm_epsilon": "rms_norm_eps",
+    "tie_embeddings": "tie_word_embeddings",
+}
 QWEN2_REQUIRED = {"hidden_act": "silu", "use_sliding_window": False}
 
 
 def qwen2_text_from_hf(section: str, text: dict) -> DecoderConfig:
     _require(section, text, QWEN2_REQUIRED)
-    _present(section, text, [key for key in QWEN2_KEYS.values() if key not in ("tie_word_embeddings",
-                                                                                "max_position_embeddings")])
+    _present(
+        section,
+        text,
+        [key for key in QWEN2_KEYS.values() if key not in ("tie_word_embeddings", "max_position_embeddings")],
+    )
     rope = text.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default" or text.get("rope_scaling"):
-        raise ConversionError(f"{section}: RoPE scaling {rope or text['rope_scaling']} is not a trained setting this "
-                              "converter keeps; convert the unscaled model (scaling is an inference option)")
+        raise ConversionError(
+            f"{section}: RoPE scaling {rope or text['rope_scaling']} is not a trained setting this "
+            "converter keeps; convert the unscaled model (scaling is an inference option)"
+        )
     theta = rope.get("rope_theta", text.get("rope_theta"))
     fields = {ours: text[theirs] for ours, theirs in QWEN2_KEYS.items() if theirs in text}
     return DecoderConfig(**fields, **({"rotary_base": float(theta)} if theta is not None else {}))
@@ -89,10 +101,15 @@ def qwen2_text_to_hf(decoder: DecoderConfig, tokenizer: HFTokenizer) -> dict:
     special_ids = {"bos_token_id": tokenizer.token_id(PAD_TOKEN), "eos_token_id": tokenizer.token_id(CHATML_TOKENS[1])}
     return {
         **{theirs: getattr(decoder, ours) for ours, theirs in QWEN2_KEYS.items()},
-        "hidden_act": "silu", "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
-        "rope_theta": decoder.rotary_base, "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "rope_theta": decoder.rotary_base,
+        "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": decoder.rotary_base},
-        "use_sliding_window": False, "sliding_window": decoder.max_position_embeddings,
+        "use_sliding_window": False,
+        "sliding_window": decoder.max_position_embeddings,
         "max_window_layers": decoder.num_layers,
         **{key: token_id for key, token_id in special_ids.items() if token_id is not None},
     }
@@ -100,15 +117,33 @@ def qwen2_text_to_hf(decoder: DecoderConfig, tokenizer: HFTokenizer) -> dict:
 
 # ---- InternViT config (Long-VITA's `visual`, a standalone InternViT config.json) ----
 
-INTERNVIT_KEYS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
-                  "ffn_hidden_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
-                  "image_size": "image_size", "patch_size": "patch_size", "num_channels": "num_channels",
-                  "norm_epsilon": "layer_norm_eps", "qkv_bias": "qkv_bias", "layer_scale_init": "initializer_factor"}
+INTERNVIT_KEYS = {
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads",
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "num_channels": "num_channels",
+    "norm_epsilon": "layer_norm_eps",
+    "qkv_bias": "qkv_bias",
+    "layer_scale_init": "initializer_factor",
+}
 # Settings this model implements; the authors' class defaults differ (qkv_bias False, rms_norm, qk norm on),
 # so the keys it reads must be present rather than assumed.
 INTERNVIT_REQUIRED = {"norm_type": "layer_norm", "qk_normalization": False, "hidden_act": "gelu"}
-INTERNVIT_PRESENT = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-                     "patch_size", "qkv_bias", "layer_norm_eps", "norm_type", "qk_normalization"]
+INTERNVIT_PRESENT = [
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+    "qkv_bias",
+    "layer_norm_eps",
+    "norm_type",
+    "qk_normalization",
+]
 
 
 def internvit_from_hf(section: str, vision: dict) -> VisionConfig:
@@ -120,13 +155,22 @@ def internvit_from_hf(section: str, vision: dict) -> VisionConfig:
 
 def internvit_to_hf(vision: VisionConfig, dtype: torch.dtype) -> dict:
     """Every argument of the authors' InternVisionConfig."""
-    return {"model_type": "intern_vit_6b", "architectures": ["InternVisionModel"],
-            **{theirs: getattr(vision, ours) for ours, theirs in INTERNVIT_KEYS.items()}, **INTERNVIT_REQUIRED,
-            "dropout": 0.0, "attention_dropout": 0.0, "drop_path_rate": 0.0, "initializer_range": 0.02,
-            "use_flash_attn": True, **_dtype_keys(dtype)}
+    return {
+        "model_type": "intern_vit_6b",
+        "architectures": ["InternVisionModel"],
+        **{theirs: getattr(vision, ours) for ours, theirs in INTERNVIT_KEYS.items()},
+        **INTERNVIT_REQUIRED,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "drop_path_rate": 0.0,
+        "initializer_range": 0.02,
+        "use_flash_attn": True,
+        **_dtype_keys(dtype),
+    }
 
 
 # ---- the formats ----
+
 
 class CheckpointFormat:
     """A Hugging Face layout: tensor parts per on-disk layout (the first is written) and the config."""
@@ -136,8 +180,9 @@ class CheckpointFormat:
     layouts: list[list[Part]]
     standalone = True  # False: only read as part of another format's start
 
-    def read_config(self, checkpoint: HFCheckpoint, tokenizer: HFTokenizer,
-                    vision: Optional[HFCheckpoint] = None) -> ModelConfig:
+    def read_config(
+        self, checkpoint: HFCheckpoint, tokenizer: HFTokenizer, vision: Optional[HFCheckpoint] = None
+    ) -> ModelConfig:
         raise NotImplementedError
 
     def write_config(self, config: ModelConfig, dtype: torch.dtype, tokenizer: HFTokenizer) -> dict:
@@ -172,52 +217,84 @@ def longvita_tokens(tokenizer: HFTokenizer, vocab_size: int) -> dict[str, int]:
 def _check_tokens(config: ModelConfig, tokenizer: HFTokenizer) -> None:
     for token, token_id in config.context_tokens.items():
         if tokenizer.token_id(token) != token_id:
-            raise ConversionError(f"tokenizer {tokenizer.directory}: {token} has id {tokenizer.token_id(token)}, the "
-                                  f"model uses {token_id}; pass the tokenizer the model was trained with")
+            raise ConversionError(
+                f"tokenizer {tokenizer.directory}: {token} has id {tokenizer.token_id(token)}, the "
+                f"model uses {token_id}; pass the tokenizer the model was trained with"
+            )
 
 
 @register_format
 class LongVitaFormat(CheckpointFormat):
     name, model_types = "longvita", ("long_vita",)
-    layouts = [multimodal_parts(VISION_ROWS["internvit"], PROJECTOR_ROWS["longvita"],
-                                ("model.vision_model.", "model.vision_projection.", "model.", ""))]
+    layouts = [
+        multimodal_parts(
+            VISION_ROWS["internvit"],
+            PROJECTOR_ROWS["longvita"],
+            ("model.vision_model.", "model.vision_projection.", "model.", ""),
+        )
+    ]
     # the authors' ResamplerProjector fixes these
     downsample_ratio = 0.5
 
     def read_config(self, checkpoint, tokenizer, vision=None):
         hf = checkpoint.config
         if "visual" not in hf:
-            raise ConversionError(f"{checkpoint.directory}/config.json: a long_vita config keeps the InternViT "
-                                  "config under 'visual'; it has none")
+            raise ConversionError(
+                f"{checkpoint.directory}/config.json: a long_vita config keeps the InternViT "
+                "config under 'visual'; it has none"
+            )
         decoder = qwen2_text_from_hf("config", hf)
         vision_config = internvit_from_hf("config.visual", hf["visual"])
-        projector = ProjectorConfig(downsample_ratio=self.downsample_ratio, bias=False,
-                                    ffn_hidden_size=vision_config.hidden_size)
-        return ModelConfig(decoder=decoder, vision=vision_config, projector=projector,
-                           **longvita_tokens(tokenizer, decoder.vocab_size))
+        projector = ProjectorConfig(
+            downsample_ratio=self.downsample_ratio, bias=False, ffn_hidden_size=vision_config.hidden_size
+        )
+        return ModelConfig(
+            decoder=decoder, vision=vision_config, projector=projector, **longvita_tokens(tokenizer, decoder.vocab_size)
+        )
 
     def write_config(self, config, dtype, tokenizer):
         projector = config.projector
         geometry = (projector.bias, projector.intermediate_size(config.decoder.hidden_size), projector.downsample_ratio)
         if geometry != (False, config.vision.hidden_size, self.downsample_ratio):
-            raise ConversionError(f"Long-VITA's projector is bias-free, {config.vision.hidden_size} wide (the ViT "
-                                  f"width), pixel shuffle 0.5; this model has bias={geometry[0]}, width {geometry[1]}, "
-                                  f"ratio {geometry[2]} (use --format internvl if it fits that)")
+            raise ConversionError(
+                f"Long-VITA's projector is bias-free, {config.vision.hidden_size} wide (the ViT "
+                f"width), pixel shuffle 0.5; this model has bias={geometry[0]}, width {geometry[1]}, "
+                f"ratio {geometry[2]} (use --format internvl if it fits that)"
+            )
         _check_tokens(config, tokenizer)
-        return {"model_type": "long_vita", "architectures": ["LongVITAForCausalLM"],
-                **qwen2_text_to_hf(config.decoder, tokenizer), "visual": internvit_to_hf(config.vision, dtype),
-                **_dtype_keys(dtype)}
+        return {
+            "model_type": "long_vita",
+            "architectures": ["LongVITAForCausalLM"],
+            **qwen2_text_to_hf(config.decoder, tokenizer),
+            "visual": internvit_to_hf(config.vision, dtype),
+            **_dtype_keys(dtype),
+        }
 
 
-INTERNVL_VISION_KEYS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
-                        "ffn_hidden_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
-                        "image_size": "image_size", "patch_size": "patch_size", "num_channels": "num_channels",
-                        "norm_epsilon": "layer_norm_eps", "qkv_bias": "attention_bias",
-                        "layer_scale_init": "layer_scale_init_value"}
-INTERNVL_VISION_REQUIRED = {"norm_type": "layer_norm", "use_qk_norm": False, "hidden_act": "gelu",
-                            "use_mean_pooling": True, "use_absolute_position_embeddings": True}
-INTERNVL_REQUIRED = {"projector_hidden_act": "gelu", "vision_feature_layer": -1,
-                     "vision_feature_select_strategy": "default"}
+INTERNVL_VISION_KEYS = {
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads",
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "num_channels": "num_channels",
+    "norm_epsilon": "layer_norm_eps",
+    "qkv_bias": "attention_bias",
+    "layer_scale_init": "layer_scale_init_value",
+}
+INTERNVL_VISION_REQUIRED = {
+    "norm_type": "layer_norm",
+    "use_qk_norm": False,
+    "hidden_act": "gelu",
+    "use_mean_pooling": True,
+    "use_absolute_position_embeddings": True,
+}
+INTERNVL_REQUIRED = {
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "default",
+}
 
 
 @register_format
@@ -227,10 +304,16 @@ class InternVLFormat(CheckpointFormat):
 
     name, model_types = "internvl", ("internvl",)
     layouts = [
-        multimodal_parts(VISION_ROWS["internvl"], PROJECTOR_ROWS["internvl"],
-                         ("vision_tower.", "multi_modal_projector.", "language_model.model.", "language_model.")),
-        multimodal_parts(VISION_ROWS["internvl"], PROJECTOR_ROWS["internvl"],
-                         ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "")),
+        multimodal_parts(
+            VISION_ROWS["internvl"],
+            PROJECTOR_ROWS["internvl"],
+            ("vision_tower.", "multi_modal_projector.", "language_model.model.", "language_model."),
+        ),
+        multimodal_parts(
+            VISION_ROWS["internvl"],
+            PROJECTOR_ROWS["internvl"],
+            ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", ""),
+        ),
     ]
 
     def read_config(self, checkpoint, tokenizer, vision=None):
@@ -247,33 +330,48 @@ class InternVLFormat(CheckpointFormat):
         # InternVL puts every tile and frame on <IMG_CONTEXT>: patch / video placeholders only if it defines them
         image_id = tokenizer.require("<IMG_CONTEXT>", decoder.vocab_size)
         if "image_token_id" in hf and hf["image_token_id"] != image_id:
-            raise ConversionError(f"{checkpoint.directory}: config image_token_id {hf['image_token_id']} is not the "
-                                  f"tokenizer's <IMG_CONTEXT> ({image_id})")
+            raise ConversionError(
+                f"{checkpoint.directory}: config image_token_id {hf['image_token_id']} is not the "
+                f"tokenizer's <IMG_CONTEXT> ({image_id})"
+            )
         optional = {}
         for token in ("<PATCH_CONTEXT>", "<VID_CONTEXT>"):
             token_id = tokenizer.token_id(token)
-            optional[CONTEXT_TOKEN_FIELDS[token]] = None if token_id is None else tokenizer.require(
-                token, decoder.vocab_size)
-        return ModelConfig(decoder=decoder, vision=VisionConfig(**fields),
-                           projector=ProjectorConfig(downsample_ratio=hf.get("downsample_ratio", 0.5), bias=True,
-                                                     ffn_hidden_size=decoder.hidden_size),
-                           image_token_id=image_id, **optional)
+            optional[CONTEXT_TOKEN_FIELDS[token]] = (
+                None if token_id is None else tokenizer.require(token, decoder.vocab_size)
+            )
+        return ModelConfig(
+            decoder=decoder,
+            vision=VisionConfig(**fields),
+            projector=ProjectorConfig(
+                downsample_ratio=hf.get("downsample_ratio", 0.5), bias=True, ffn_hidden_size=decoder.hidden_size
+            ),
+            image_token_id=image_id,
+            **optional,
+        )
 
     def write_config(self, config, dtype, tokenizer):
         projector = config.projector
         if not projector.bias or projector.intermediate_size(config.decoder.hidden_size) != config.decoder.hidden_size:
-            raise ConversionError("transformers' InternVL projector is LLM-hidden wide with biases; this model's is "
-                                  f"{projector.intermediate_size(config.decoder.hidden_size)} wide, bias="
-                                  f"{projector.bias} (use --format longvita)")
+            raise ConversionError(
+                "transformers' InternVL projector is LLM-hidden wide with biases; this model's is "
+                f"{projector.intermediate_size(config.decoder.hidden_size)} wide, bias="
+                f"{projector.bias} (use --format longvita)"
+            )
         _check_tokens(config, tokenizer)
         vision = {theirs: getattr(config.vision, ours) for ours, theirs in INTERNVL_VISION_KEYS.items()}
-        return {"model_type": "internvl", "architectures": ["InternVLForConditionalGeneration"],
-                "text_config": {"model_type": "qwen2", **qwen2_text_to_hf(config.decoder, tokenizer),
-                                **_dtype_keys(dtype)},
-                "vision_config": {"model_type": "internvl_vision", **vision, **INTERNVL_VISION_REQUIRED},
-                "downsample_ratio": projector.downsample_ratio, "image_token_id": config.image_token_id,
-                "image_seq_length": config.tokens_per_tile, "tie_word_embeddings": config.decoder.tie_embeddings,
-                **INTERNVL_REQUIRED, **_dtype_keys(dtype)}
+        return {
+            "model_type": "internvl",
+            "architectures": ["InternVLForConditionalGeneration"],
+            "text_config": {"model_type": "qwen2", **qwen2_text_to_hf(config.decoder, tokenizer), **_dtype_keys(dtype)},
+            "vision_config": {"model_type": "internvl_vision", **vision, **INTERNVL_VISION_REQUIRED},
+            "downsample_ratio": projector.downsample_ratio,
+            "image_token_id": config.image_token_id,
+            "image_seq_length": config.tokens_per_tile,
+            "tie_word_embeddings": config.decoder.tie_embeddings,
+            **INTERNVL_REQUIRED,
+            **_dtype_keys(dtype),
+        }
 
 
 @register_format
@@ -289,12 +387,17 @@ class Qwen2Format(CheckpointFormat):
         if vision is not None:
             vision_config = internvit_from_hf(f"{vision.directory}/config.json", vision.config)
         projector = ProjectorConfig(bias=False, ffn_hidden_size=vision_config.hidden_size)
-        return ModelConfig(decoder=decoder, vision=vision_config, projector=projector,
-                           **longvita_tokens(tokenizer, decoder.vocab_size))
+        return ModelConfig(
+            decoder=decoder, vision=vision_config, projector=projector, **longvita_tokens(tokenizer, decoder.vocab_size)
+        )
 
     def write_config(self, config, dtype, tokenizer):
-        return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
-                **qwen2_text_to_hf(config.decoder, tokenizer), **_dtype_keys(dtype)}
+        return {
+            "model_type": "qwen2",
+            "architectures": ["Qwen2ForCausalLM"],
+            **qwen2_text_to_hf(config.decoder, tokenizer),
+            **_dtype_keys(dtype),
+        }
 
 
 @register_format
@@ -304,5 +407,6 @@ class InternViTFormat(CheckpointFormat):
     standalone = False
 
     def read_config(self, checkpoint, tokenizer, vision=None):
-        raise ConversionError(f"{checkpoint.directory} is a vision tower alone: pass a qwen2 --hf-dir with it as "
-                              "--vision-hf-dir")
+        raise ConversionError(
+            f"{checkpoint.directory} is a vision tower alone: pass a qwen2 --hf-dir with it as --vision-hf-dir"
+        )

@@ -11,8 +11,9 @@ them under its own prefixes as `Part`s, one list of parts per on-disk layout it 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -40,8 +41,11 @@ def _qkv(heads: int, groups: int, head_dim: int) -> Transform:
     def to_mcore(hf: Sequence[Tensor]) -> Tensor:
         q, k, v = hf
         rest = q.shape[1:]
-        per_group = [q.reshape(groups, q_rows, *rest), k.reshape(groups, head_dim, *rest),
-                     v.reshape(groups, head_dim, *rest)]
+        per_group = [
+            q.reshape(groups, q_rows, *rest),
+            k.reshape(groups, head_dim, *rest),
+            v.reshape(groups, head_dim, *rest),
+        ]
         return torch.cat(per_group, dim=1).reshape(-1, *rest)
 
     def to_hf(mc: Tensor) -> list[Tensor]:
@@ -55,8 +59,9 @@ def _qkv(heads: int, groups: int, head_dim: int) -> Transform:
 def _fused_qkv(heads: int, head_dim: int) -> Transform:
     """InternViT's stacked [q; k; v] -> per head [q, k, v]."""
     per_head = _qkv(heads, heads, head_dim)
-    return Transform(lambda hf: per_head.to_mcore(hf[0].chunk(3, dim=0)),
-                     lambda mc: [torch.cat(per_head.to_hf(mc), dim=0)])
+    return Transform(
+        lambda hf: per_head.to_mcore(hf[0].chunk(3, dim=0)), lambda mc: [torch.cat(per_head.to_hf(mc), dim=0)]
+    )
 
 
 def _gated_mlp() -> Transform:
@@ -79,8 +84,9 @@ def transforms(config: ModelConfig) -> dict[str, Transform]:
     vision_head_dim = vision.hidden_size // vision.num_attention_heads
     return {
         "copy": _copy(),
-        "qkv": _qkv(decoder.num_attention_heads, decoder.num_query_groups,
-                    decoder.hidden_size // decoder.num_attention_heads),
+        "qkv": _qkv(
+            decoder.num_attention_heads, decoder.num_query_groups, decoder.hidden_size // decoder.num_attention_heads
+        ),
         "vision_qkv": _qkv(vision.num_attention_heads, vision.num_attention_heads, vision_head_dim),
         "vision_fused_qkv": _fused_qkv(vision.num_attention_heads, vision_head_dim),
         "gated_mlp": _gated_mlp(),
@@ -95,13 +101,18 @@ Row = tuple[str, tuple[str, ...], str]
 LANGUAGE_ROWS: list[Row] = [
     ("embedding.word_embeddings.weight", ("{p}embed_tokens.weight",), "vocab"),
     ("decoder.layers.{i}.input_layernorm.weight", ("{p}layers.{i}.input_layernorm.weight",), "copy"),
-    ("decoder.layers.{i}.self_attention.linear_qkv.*",
-     ("{p}layers.{i}.self_attn.q_proj.*", "{p}layers.{i}.self_attn.k_proj.*", "{p}layers.{i}.self_attn.v_proj.*"),
-     "qkv"),
+    (
+        "decoder.layers.{i}.self_attention.linear_qkv.*",
+        ("{p}layers.{i}.self_attn.q_proj.*", "{p}layers.{i}.self_attn.k_proj.*", "{p}layers.{i}.self_attn.v_proj.*"),
+        "qkv",
+    ),
     ("decoder.layers.{i}.self_attention.linear_proj.weight", ("{p}layers.{i}.self_attn.o_proj.weight",), "copy"),
     ("decoder.layers.{i}.pre_mlp_layernorm.weight", ("{p}layers.{i}.post_attention_layernorm.weight",), "copy"),
-    ("decoder.layers.{i}.mlp.linear_fc1.weight",
-     ("{p}layers.{i}.mlp.gate_proj.weight", "{p}layers.{i}.mlp.up_proj.weight"), "gated_mlp"),
+    (
+        "decoder.layers.{i}.mlp.linear_fc1.weight",
+        ("{p}layers.{i}.mlp.gate_proj.weight", "{p}layers.{i}.mlp.up_proj.weight"),
+        "gated_mlp",
+    ),
     ("decoder.layers.{i}.mlp.linear_fc2.weight", ("{p}layers.{i}.mlp.down_proj.weight",), "copy"),
     ("decoder.final_layernorm.weight", ("{p}norm.weight",), "copy"),
 ]
@@ -113,11 +124,20 @@ VISION_ROWS: dict[str, list[Row]] = {
         ("position_embedding", ("{p}embeddings.position_embeddings",), "copy"),
         ("patch_embedding.*", ("{p}embeddings.patch_embeddings.projection.*",), "copy"),
         ("decoder.layers.{i}.input_layernorm.*", ("{p}encoder.layer.{i}.layernorm_before.*",), "copy"),
-        ("decoder.layers.{i}.self_attention.linear_qkv.*",
-         ("{p}encoder.layer.{i}.attention.q_proj.*", "{p}encoder.layer.{i}.attention.k_proj.*",
-          "{p}encoder.layer.{i}.attention.v_proj.*"), "vision_qkv"),
-        ("decoder.layers.{i}.self_attention.linear_proj.*", ("{p}encoder.layer.{i}.attention.projection_layer.*",),
-         "copy"),
+        (
+            "decoder.layers.{i}.self_attention.linear_qkv.*",
+            (
+                "{p}encoder.layer.{i}.attention.q_proj.*",
+                "{p}encoder.layer.{i}.attention.k_proj.*",
+                "{p}encoder.layer.{i}.attention.v_proj.*",
+            ),
+            "vision_qkv",
+        ),
+        (
+            "decoder.layers.{i}.self_attention.linear_proj.*",
+            ("{p}encoder.layer.{i}.attention.projection_layer.*",),
+            "copy",
+        ),
         ("decoder.layers.{i}.ls1", ("{p}encoder.layer.{i}.lambda_1",), "copy"),
         ("decoder.layers.{i}.pre_mlp_layernorm.*", ("{p}encoder.layer.{i}.layernorm_after.*",), "copy"),
         ("decoder.layers.{i}.mlp.linear_fc1.*", ("{p}encoder.layer.{i}.mlp.fc1.*",), "copy"),
@@ -164,8 +184,12 @@ class Part:
 
 def multimodal_parts(vision: list[Row], projector: list[Row], prefixes: tuple[str, str, str, str]) -> list[Part]:
     """Vision tower, projector, LLM and output layer under the given HF prefixes."""
-    return [Part("vision.", vision, prefixes[0]), Part("projector.", projector, prefixes[1]),
-            Part("language_model.", LANGUAGE_ROWS, prefixes[2]), Part("language_model.", HEAD_ROWS, prefixes[3])]
+    return [
+        Part("vision.", vision, prefixes[0]),
+        Part("projector.", projector, prefixes[1]),
+        Part("language_model.", LANGUAGE_ROWS, prefixes[2]),
+        Part("language_model.", HEAD_ROWS, prefixes[3]),
+    ]
 
 
 @dataclass(frozen=True)
@@ -191,8 +215,9 @@ def _expand(parts: list[Part], config: ModelConfig, wanted: set[str], named: dic
     return result
 
 
-def mappings(layouts: list[list[Part]], config: ModelConfig, mcore_names: Sequence[str],
-             hf_names: Optional[Sequence[str]] = None) -> list[Mapping]:
+def mappings(
+    layouts: list[list[Part]], config: ModelConfig, mcore_names: Sequence[str], hf_names: Optional[Sequence[str]] = None
+) -> list[Mapping]:
     """A format's rows, expanded over layers and weight/bias, restricted to `mcore_names`.
 
     The model decides which tensors exist (e.g. projector biases); every one of them under

@@ -18,13 +18,13 @@ CONFIG_FILE = "longvita_config.json"
 TOKENIZER_DIR = "tokenizer"
 
 
-def save_model_config(directory: str, config: ModelConfig, dtype: torch.dtype,
-                      tokenizer: Optional[Union[HFTokenizer, str]] = None) -> None:
+def save_model_config(
+    directory: str, config: ModelConfig, dtype: torch.dtype, tokenizer: Optional[Union[HFTokenizer, str]] = None
+) -> None:
     """The sidecar, and under `tokenizer/` the tokenizer files: a tokenizer, or the directory of a
     training tokenizer, to which the Long-VITA tokens are appended as the data pipeline does on load."""
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump({"model": dataclasses.asdict(config), "params_dtype": str(dtype).removeprefix("torch.")}, f,
-                  indent=2)
+        json.dump({"model": dataclasses.asdict(config), "params_dtype": str(dtype).removeprefix("torch.")}, f, indent=2)
     if tokenizer is not None:
         if isinstance(tokenizer, str):
             tokenizer = HFTokenizer(tokenizer)

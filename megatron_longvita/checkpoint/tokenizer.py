@@ -25,9 +25,11 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 # Copied as they are; tokenizer.json and tokenizer_config.json are rewritten (added tokens).
 PASSTHROUGH_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "chat_template.jinja")
 # ChatML (what Qwen2.5 and Long-VITA are trained on), for a tokenizer that ships no template.
-CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
-                   " + '<|im_end|>' + '\\n' }}{% endfor %}"
-                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 class TokenizerError(ValueError):
@@ -41,8 +43,10 @@ class HFTokenizer:
         self.directory = directory
         path = os.path.join(directory, TOKENIZER_FILE)
         if not os.path.isfile(path):
-            raise TokenizerError(f"{directory} has no {TOKENIZER_FILE}: token ids are resolved by their text from "
-                                 "it (pass the tokenizer directory the model was trained with)")
+            raise TokenizerError(
+                f"{directory} has no {TOKENIZER_FILE}: token ids are resolved by their text from "
+                "it (pass the tokenizer directory the model was trained with)"
+            )
         self.tokenizer = Tokenizer.from_file(path)
         self.config: dict[str, Any] = self._json(TOKENIZER_CONFIG_FILE) or {}
         self.generation_config: Optional[dict[str, Any]] = self._json(GENERATION_CONFIG_FILE)
@@ -63,8 +67,10 @@ class HFTokenizer:
         if token_id is None:
             raise TokenizerError(f"tokenizer {self.directory} has no token {text}")
         if token_id >= vocab_size:
-            raise TokenizerError(f"tokenizer {self.directory}: token {text} has id {token_id}, outside the model's "
-                                 f"vocabulary of {vocab_size}")
+            raise TokenizerError(
+                f"tokenizer {self.directory}: token {text} has id {token_id}, outside the model's "
+                f"vocabulary of {vocab_size}"
+            )
         return token_id
 
     def append_special_tokens(self, tokens: Sequence[str], vocab_size: int) -> dict[str, int]:
@@ -92,9 +98,17 @@ class HFTokenizer:
         config = dict(self.config)
         decoder = dict(config.get("added_tokens_decoder", {}))
         for token_id, token in sorted(self.tokenizer.get_added_tokens_decoder().items()):
-            decoder.setdefault(str(token_id), {"content": token.content, "lstrip": token.lstrip,
-                                               "normalized": token.normalized, "rstrip": token.rstrip,
-                                               "single_word": token.single_word, "special": token.special})
+            decoder.setdefault(
+                str(token_id),
+                {
+                    "content": token.content,
+                    "lstrip": token.lstrip,
+                    "normalized": token.normalized,
+                    "rstrip": token.rstrip,
+                    "single_word": token.single_word,
+                    "special": token.special,
+                },
+            )
         config["added_tokens_decoder"] = decoder
         has_template = os.path.isfile(os.path.join(self.directory, "chat_template.jinja"))
         if "chat_template" not in config and not has_template:

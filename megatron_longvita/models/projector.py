@@ -41,8 +41,7 @@ def pixel_shuffle(features: torch.Tensor, ratio: float) -> torch.Tensor:
     if (rows * ratio) % 1 or (cols * ratio) % 1:
         raise ValueError(f"pixel shuffle ratio {ratio} does not divide the {rows}x{cols} patch grid")
     features = features.reshape(n, rows, int(cols * ratio), int(channels / ratio))
-    features = features.permute(0, 2, 1, 3).reshape(n, int(cols * ratio), int(rows * ratio),
-                                                     int(channels / ratio ** 2))
+    features = features.permute(0, 2, 1, 3).reshape(n, int(cols * ratio), int(rows * ratio), int(channels / ratio**2))
     return features.permute(0, 2, 1, 3)
 
 
@@ -60,11 +59,18 @@ class Projector(MegatronModule):
         width = vision_hidden * projector.channel_multiplier
         intermediate = projector.intermediate_size(config.hidden_size)
         self.layer_norm = torch.nn.LayerNorm(width, eps=projector.norm_epsilon, dtype=config.params_dtype)
-        self.linear_fc1 = ColumnParallelLinear(width, intermediate, config=config, init_method=config.init_method,
-                                               bias=projector.bias, gather_output=False)
-        self.linear_fc2 = RowParallelLinear(intermediate, config.hidden_size, config=config,
-                                            init_method=config.output_layer_init_method, bias=projector.bias,
-                                            input_is_parallel=True, skip_bias_add=False)
+        self.linear_fc1 = ColumnParallelLinear(
+            width, intermediate, config=config, init_method=config.init_method, bias=projector.bias, gather_output=False
+        )
+        self.linear_fc2 = RowParallelLinear(
+            intermediate,
+            config.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=projector.bias,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         shuffled = pixel_shuffle(features, self.ratio)

@@ -34,18 +34,53 @@ IMG, VID, PATCH = 242, 245, 248
 TOKENS_PER_TILE = 4
 STEPS = 8
 TOLERANCE = 1e-4
-LAYOUTS = {"TP=2": ParallelConfig(tensor_model_parallel_size=2), "CP=2": ParallelConfig(context_parallel_size=2),
-           "PP=2": ParallelConfig(pipeline_model_parallel_size=2)}
+LAYOUTS = {
+    "TP=2": ParallelConfig(tensor_model_parallel_size=2),
+    "CP=2": ParallelConfig(context_parallel_size=2),
+    "PP=2": ParallelConfig(pipeline_model_parallel_size=2),
+}
 # What the authors' config classes read (their __init__ arguments): transformers 4.4x's Qwen2Config
 # (LongVITAConfig subclasses it) and OpenGVLab's InternVisionConfig.
-QWEN2_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",
-                     "rms_norm_eps", "use_cache", "tie_word_embeddings", "rope_theta", "rope_scaling",
-                     "use_sliding_window", "sliding_window", "max_window_layers", "attention_dropout")
-INTERN_VISION_CONFIG_KEYS = ("num_channels", "patch_size", "image_size", "qkv_bias", "hidden_size",
-                             "num_attention_heads", "intermediate_size", "qk_normalization", "num_hidden_layers",
-                             "use_flash_attn", "hidden_act", "norm_type", "layer_norm_eps", "dropout",
-                             "drop_path_rate", "attention_dropout", "initializer_range", "initializer_factor")
+QWEN2_CONFIG_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "use_cache",
+    "tie_word_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "use_sliding_window",
+    "sliding_window",
+    "max_window_layers",
+    "attention_dropout",
+)
+INTERN_VISION_CONFIG_KEYS = (
+    "num_channels",
+    "patch_size",
+    "image_size",
+    "qkv_bias",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "qk_normalization",
+    "num_hidden_layers",
+    "use_flash_attn",
+    "hidden_act",
+    "norm_type",
+    "layer_norm_eps",
+    "dropout",
+    "drop_path_rate",
+    "attention_dropout",
+    "initializer_range",
+    "initializer_factor",
+)
 
 
 def prompts(image: int, patch: int) -> dict[str, tuple[list[int], torch.Tensor | None]]:
@@ -55,8 +90,15 @@ def prompts(image: int, patch: int) -> dict[str, tuple[list[int], torch.Tensor |
     def text(n: int) -> list[int]:
         return torch.randint(0, 230, (n,), generator=generator).tolist()
 
-    ids = (text(5) + [image] * TOKENS_PER_TILE + text(2) + [patch] * TOKENS_PER_TILE + text(1)
-           + [patch] * TOKENS_PER_TILE + text(4))
+    ids = (
+        text(5)
+        + [image] * TOKENS_PER_TILE
+        + text(2)
+        + [patch] * TOKENS_PER_TILE
+        + text(1)
+        + [patch] * TOKENS_PER_TILE
+        + text(4)
+    )
     return {"image": (ids, torch.randn(3, 3, 56, 56, generator=generator)), "text": (text(14), None)}
 
 
@@ -79,8 +121,9 @@ def megatron_results(load_dir: str, image: int, patch: int) -> dict[str, dict]:
         mode = "fixed-length" if parallel.pipeline_model_parallel_size > 1 else "cached"
         per_prompt = {}
         for name, (ids, pixels) in prompts(image, patch).items():
-            [generation] = engine.generate([GenerationRequest(ids, pixels)],
-                                           GenerationConfig(max_new_tokens=STEPS, decode_mode=mode))
+            [generation] = engine.generate(
+                [GenerationRequest(ids, pixels)], GenerationConfig(max_new_tokens=STEPS, decode_mode=mode)
+            )
             per_prompt[name] = (generation.first_logits, generation.tokens)
         results[layout] = per_prompt
     return results
@@ -105,22 +148,65 @@ def converted(tmp_path_factory):
     save_split_qwen2_internvit(str(root / "released"), str(root / "qwen2"), str(root / "internvit"))
     image_token = save_small_vocab_internvl(str(root / "internvl"))
     run_distributed(
-        convert, 1,
+        convert,
+        1,
         ["hf2mcore", "--hf-dir", str(root / "released"), "--save-dir", str(root / "mcore_lv")],
-        ["mcore2hf", "--load-dir", str(root / "mcore_lv"), "--save-dir", str(root / "export_lv"),
-         "--format", "longvita"],
+        [
+            "mcore2hf",
+            "--load-dir",
+            str(root / "mcore_lv"),
+            "--save-dir",
+            str(root / "export_lv"),
+            "--format",
+            "longvita",
+        ],
         ["hf2mcore", "--hf-dir", str(root / "export_lv"), "--save-dir", str(root / "mcore_lv2")],
-        ["mcore2hf", "--load-dir", str(root / "mcore_lv2"), "--save-dir", str(root / "export_lv2"),
-         "--format", "longvita"],
-        ["hf2mcore", "--hf-dir", str(root / "qwen2"), "--vision-hf-dir", str(root / "internvit"),
-         "--save-dir", str(root / "mcore_pair")],
-        ["mcore2hf", "--load-dir", str(root / "mcore_pair"), "--save-dir", str(root / "export_pair"),
-         "--format", "longvita"],
-        ["mcore2hf", "--load-dir", str(root / "mcore_pair"), "--save-dir", str(root / "export_pair_qwen2"),
-         "--format", "qwen2"],
+        [
+            "mcore2hf",
+            "--load-dir",
+            str(root / "mcore_lv2"),
+            "--save-dir",
+            str(root / "export_lv2"),
+            "--format",
+            "longvita",
+        ],
+        [
+            "hf2mcore",
+            "--hf-dir",
+            str(root / "qwen2"),
+            "--vision-hf-dir",
+            str(root / "internvit"),
+            "--save-dir",
+            str(root / "mcore_pair"),
+        ],
+        [
+            "mcore2hf",
+            "--load-dir",
+            str(root / "mcore_pair"),
+            "--save-dir",
+            str(root / "export_pair"),
+            "--format",
+            "longvita",
+        ],
+        [
+            "mcore2hf",
+            "--load-dir",
+            str(root / "mcore_pair"),
+            "--save-dir",
+            str(root / "export_pair_qwen2"),
+            "--format",
+            "qwen2",
+        ],
         ["hf2mcore", "--hf-dir", str(root / "internvl"), "--save-dir", str(root / "mcore_ivl")],
-        ["mcore2hf", "--load-dir", str(root / "mcore_ivl"), "--save-dir", str(root / "export_ivl"),
-         "--format", "internvl"],
+        [
+            "mcore2hf",
+            "--load-dir",
+            str(root / "mcore_ivl"),
+            "--save-dir",
+            str(root / "export_ivl"),
+            "--format",
+            "internvl",
+        ],
     )
     return root, oracle, image_token
 
@@ -136,16 +222,16 @@ def assert_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.
 
 
 def oracle_reference(oracle: Oracle, image: int, patch: int) -> dict:
-    return {name: oracle.greedy(ids, pixels, (image, patch), STEPS)
-            for name, (ids, pixels) in prompts(image, patch).items()}
+    return {
+        name: oracle.greedy(ids, pixels, (image, patch), STEPS) for name, (ids, pixels) in prompts(image, patch).items()
+    }
 
 
 def test_released_longvita_matches_the_oracle_at_tp2_cp2_pp2(converted) -> None:
     root, oracle, _ = converted
     sidecar = json.loads((root / "mcore_lv" / "longvita_config.json").read_text())["model"]
     assert (sidecar["image_token_id"], sidecar["video_token_id"], sidecar["patch_token_id"]) == (IMG, VID, PATCH)
-    assert sidecar["projector"] == {"downsample_ratio": 0.5, "bias": False, "ffn_hidden_size": 32,
-                                    "norm_epsilon": 1e-5}
+    assert sidecar["projector"] == {"downsample_ratio": 0.5, "bias": False, "ffn_hidden_size": 32, "norm_epsilon": 1e-5}
     assert_matches(oracle_reference(oracle, IMG, PATCH), str(root / "mcore_lv"), IMG, PATCH)
 
 
@@ -193,8 +279,10 @@ def test_round_trips_are_bit_exact(converted) -> None:
     assert_identical(tensors(root / "export_ivl"), tensors(root / "internvl"))
     assert_identical(tensors(root / "export_pair_qwen2"), tensors(root / "qwen2"))
     pair = tensors(root / "export_pair")
-    assert_identical({k: v for k, v in pair.items() if not k.startswith("model.vision_projection.")},
-                     {k: v for k, v in released.items() if not k.startswith("model.vision_projection.")})
+    assert_identical(
+        {k: v for k, v in pair.items() if not k.startswith("model.vision_projection.")},
+        {k: v for k, v in released.items() if not k.startswith("model.vision_projection.")},
+    )
     assert "model.vision_projection.mlp.0.bias" not in pair  # Long-VITA's bias-free projector
 
 
@@ -228,16 +316,35 @@ def test_exports_load_with_transformers(converted) -> None:
     internvl = AutoConfig.from_pretrained(str(root / "export_ivl"))
     assert internvl.image_token_id == 247 and internvl.text_config.vocab_size == 251
     tokenizer = AutoTokenizer.from_pretrained(str(root / "export_lv"))
-    longvita_tokens = ("<img>", "</img>", "<IMG_CONTEXT>", "<vid>", "</vid>", "<VID_CONTEXT>", "<patch>", "</patch>",
-                       "<PATCH_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<image>",
-                       "<video>")
+    longvita_tokens = (
+        "<img>",
+        "</img>",
+        "<IMG_CONTEXT>",
+        "<vid>",
+        "</vid>",
+        "<VID_CONTEXT>",
+        "<patch>",
+        "</patch>",
+        "<PATCH_CONTEXT>",
+        "<quad>",
+        "</quad>",
+        "<ref>",
+        "</ref>",
+        "<box>",
+        "</box>",
+        "<image>",
+        "<video>",
+    )
     assert tokenizer.convert_tokens_to_ids(list(longvita_tokens)) == list(range(TOKENIZER_SIZE, TOKENIZER_SIZE + 17))
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                         add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.endswith("<|im_start|>assistant\n")
     generation = json.loads((root / "export_lv" / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == [tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                                          tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    assert generation["eos_token_id"] == [
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    ]
 
 
 def test_a_vocabulary_too_small_for_the_tokens_names_the_token(converted, tmp_path) -> None:
@@ -250,8 +357,10 @@ def test_a_vocabulary_too_small_for_the_tokens_names_the_token(converted, tmp_pa
     shutil.copytree(root / "released", tmp_path / "small")
     config = json.loads((tmp_path / "small" / "config.json").read_text())
     (tmp_path / "small" / "config.json").write_text(json.dumps(config | {"vocab_size": TOKENIZER_SIZE + 10}))
-    with pytest.raises(TokenizerError, match=f"token </quad> has id {TOKENIZER_SIZE + 10}, outside the model's "
-                                             f"vocabulary of {TOKENIZER_SIZE + 10}"):
+    with pytest.raises(
+        TokenizerError,
+        match=f"token </quad> has id {TOKENIZER_SIZE + 10}, outside the model's vocabulary of {TOKENIZER_SIZE + 10}",
+    ):
         hf2mcore(str(tmp_path / "small"), str(tmp_path / "out"))  # refused before any weight is read
 
 
@@ -297,7 +406,8 @@ def test_train_builds_the_checkpoint_model_and_refuses_a_disagreeing_preset(conv
     model = resolve_model(config, tokenizer)
     assert model.projector.ffn_hidden_size == 32 and model.decoder.max_position_embeddings == 4096
     with pytest.raises(ConfigError, match=r"decoder.max_position_embeddings: preset 512, checkpoint 4096"):
-        resolve_model(TrainConfig(model=ModelSection(preset="tiny"), checkpoint=CheckpointSection(load=load)),
-                      tokenizer)
+        resolve_model(
+            TrainConfig(model=ModelSection(preset="tiny"), checkpoint=CheckpointSection(load=load)), tokenizer
+        )
     with pytest.raises(ConfigError, match=r"defines no <PATCH_CONTEXT>, <VID_CONTEXT>"):
         resolve_model(TrainConfig(checkpoint=CheckpointSection(load=str(root / "mcore_ivl"))), tokenizer)

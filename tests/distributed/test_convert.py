@@ -72,16 +72,29 @@ def hf_dir(tmp_path_factory):
 def exported(hf_dir):
     """internvl -> mcore -> {internvl, TP2xPP2 -> internvl}; a longvita export is refused (biased projector)."""
     root = hf_dir.parent
-    run_distributed(convert, 1, ["hf2mcore", "--hf-dir", str(hf_dir), "--save-dir", str(root / "mcore"),
-                                 "--tp", "2", "--pp", "2"])
-    run_distributed(reshard, 4, str(root / "mcore"), str(root / "tp2pp2"),
-                    ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2))
+    run_distributed(
+        convert, 1, ["hf2mcore", "--hf-dir", str(hf_dir), "--save-dir", str(root / "mcore"), "--tp", "2", "--pp", "2"]
+    )
+    run_distributed(
+        reshard,
+        4,
+        str(root / "mcore"),
+        str(root / "tp2pp2"),
+        ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
+    )
     run_distributed(
         convert,
         1,
         ["mcore2hf", "--load-dir", str(root / "mcore"), "--save-dir", str(root / "internvl"), "--format", "internvl"],
-        ["mcore2hf", "--load-dir", str(root / "tp2pp2"), "--save-dir", str(root / "internvl_tp2pp2"),
-         "--format", "internvl"],
+        [
+            "mcore2hf",
+            "--load-dir",
+            str(root / "tp2pp2"),
+            "--save-dir",
+            str(root / "internvl_tp2pp2"),
+            "--format",
+            "internvl",
+        ],
     )
     return root
 
@@ -100,8 +113,13 @@ def test_export_is_a_complete_hf_directory(exported) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     out = exported / "internvl"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json"} <= {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    } <= {p.name for p in out.iterdir()}
     config = AutoConfig.from_pretrained(str(out))
     assert config.image_token_id == 280 and config.text_config.rope_parameters["rope_theta"] == 1e6
     raw = json.loads((out / "config.json").read_text())
@@ -109,8 +127,9 @@ def test_export_is_a_complete_hf_directory(exported) -> None:
     assert raw["torch_dtype"] == raw["dtype"] == "float32"
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>") == 280
-    assert "<|im_start|>assistant" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
-                                                                    tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def export_errors(load_dir: str, save_dir: str) -> str:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_longvita.config.parallel import ConfigError, ParallelConfig
 from megatron_longvita.config.data import MediaConfig
+from megatron_longvita.config.parallel import ConfigError, ParallelConfig
 from megatron_longvita.models.presets import PRESETS, get_preset
 from tests.harness import run_distributed
 
@@ -24,8 +24,14 @@ def qwen25_14b_params() -> int:
 def internvit_300m_params() -> int:
     """InternViT-300M-448px: 24 layers, hidden 1024, MLP 4096, 448/14 -> 1024 patches + class token."""
     hidden, ffn, layers = 1024, 4096, 24
-    layer = (3 * hidden * hidden + 3 * hidden) + (hidden * hidden + hidden) + (hidden * ffn + ffn) \
-        + (ffn * hidden + hidden) + 4 * hidden + 2 * hidden  # qkv, proj, fc1, fc2, 2 LayerNorms, ls1/ls2
+    layer = (
+        (3 * hidden * hidden + 3 * hidden)
+        + (hidden * hidden + hidden)
+        + (hidden * ffn + ffn)
+        + (ffn * hidden + hidden)
+        + 4 * hidden
+        + 2 * hidden
+    )  # qkv, proj, fc1, fc2, 2 LayerNorms, ls1/ls2
     embeddings = hidden * 3 * 14 * 14 + hidden + hidden + 1025 * hidden  # conv (+bias), class token, positions
     return layers * layer + embeddings
 
@@ -45,8 +51,10 @@ def count_on_meta(preset: str) -> dict[str, int]:
     with torch.device("meta"):
         model = build_long_vita(get_preset(preset), ParallelConfig(), params_dtype=torch.bfloat16)
     assert all(p.is_meta for p in model.parameters())
-    return {part: sum(p.numel() for p in getattr(model, part).parameters())
-            for part in ("language_model", "vision", "projector")}
+    return {
+        part: sum(p.numel() for p in getattr(model, part).parameters())
+        for part in ("language_model", "vision", "projector")
+    }
 
 
 def test_14b_preset_on_meta_matches_the_released_checkpoint() -> None:
@@ -54,8 +62,11 @@ def test_14b_preset_on_meta_matches_the_released_checkpoint() -> None:
     assert qwen25_14b_params() == 14_770_033_664
     assert internvit_300m_params() == 304_012_288
     assert projector_params() == 9_445_376
-    assert counts == {"language_model": qwen25_14b_params(), "vision": internvit_300m_params(),
-                      "projector": projector_params()}
+    assert counts == {
+        "language_model": qwen25_14b_params(),
+        "vision": internvit_300m_params(),
+        "projector": projector_params(),
+    }
     assert sum(counts.values()) == 15_083_491_328
 
 
