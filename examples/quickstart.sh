@@ -5,7 +5,7 @@
 #      a few short videos) and a tokenizer trained on it;
 #   3. stage 1 (projector only) then stage 2 (all trainable) of the tiny Long-VITA model on
 #      2 gloo ranks with TP=2, printing the loss as it falls;
-#   4. convert the result to Hugging Face InternVL safetensors;
+#   4. export the result as a Hugging Face model directory (the released Long-VITA layout);
 #   5. ask the trained model about an image it never saw.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,8 +34,8 @@ launch -m megatron_longvita.train --config examples/configs/tiny_stage2.yaml \
     --tensorboard-dir "$RUN/tensorboard"
 FINAL="$RUN/stage2/iter_$(printf %07d "$(cat "$RUN/stage2/latest_checkpointed_iteration.txt")")"
 
-echo "[quickstart 4/5] megatron -> Hugging Face InternVL: $RUN/hf"
-$PY tools/convert_checkpoint.py mcore2hf --load-dir "$FINAL" --save-dir "$RUN/hf" --format internvl
+echo "[quickstart 4/5] megatron -> Hugging Face (Long-VITA layout): $RUN/hf"
+$PY tools/convert_checkpoint.py mcore2hf --load-dir "$FINAL" --save-dir "$RUN/hf" --format longvita
 
 echo "[quickstart 5/5] asking about an unseen image (it shows: $EXPECTED): $TEST_IMAGE"
 launch -m megatron_longvita.generate --load "$FINAL" --tp 2 --tokenizer "$TOKENIZER" --image "$TEST_IMAGE" \

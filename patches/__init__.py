@@ -14,12 +14,36 @@ Patches are applied once per process, by the entry points (``platform.setup_plat
 from __future__ import annotations
 
 from . import cpu, npu  # noqa: F401  (importing a patch set declares its patches)
-from .core import (PLATFORMS, AppliedPatch, Patch, PatchTargetError, PatchVersionError, apply, applied,
-                   check_version, declared, installed_version, register)
-from .core import _APPLIED
+from .core import (
+    _APPLIED,
+    PLATFORMS,
+    AppliedPatch,
+    Patch,
+    PatchTargetError,
+    PatchVersionError,
+    applied,
+    apply,
+    check_version,
+    declared,
+    installed_version,
+    register,
+)
 
-__all__ = ["PLATFORMS", "AppliedPatch", "Patch", "PatchTargetError", "PatchVersionError", "apply", "applied",
-           "apply_platform_patches", "check_version", "declared", "installed_version", "is_applied", "register"]
+__all__ = [
+    "PLATFORMS",
+    "AppliedPatch",
+    "Patch",
+    "PatchTargetError",
+    "PatchVersionError",
+    "apply",
+    "applied",
+    "apply_platform_patches",
+    "check_version",
+    "declared",
+    "installed_version",
+    "is_applied",
+    "register",
+]
 
 _applied_platforms: set[str] = set()
 

@@ -32,16 +32,20 @@ def main() -> None:
         if args.json:
             print(json.dumps(row))
         else:
-            print(f"- {row['name']}\n    target:    {row['target']}\n    reason:    {row['reason']}\n"
-                  f"    verified:  {row['verified']} (installed {row['installed']})")
+            print(
+                f"- {row['name']}\n    target:    {row['target']}\n    reason:    {row['reason']}\n"
+                f"    verified:  {row['verified']} (installed {row['installed']})"
+            )
 
     if not args.json:
         print(f"{len(CONTRACTS)} upstream contract(s) (private API relied on, checked by setup_platform)")
         for contract in CONTRACTS.values():
             version = installed_version(contract.distribution)
-            print(f"- {contract.name}\n    relied on: {contract.relied_on_by}\n    targets:   "
-                  f"{', '.join(contract.targets())}\n    verified:  {contract.distribution}{contract.versions} "
-                  f"(installed {version})")
+            print(
+                f"- {contract.name}\n    relied on: {contract.relied_on_by}\n    targets:   "
+                f"{', '.join(contract.targets())}\n    verified:  {contract.distribution}{contract.versions} "
+                f"(installed {version})"
+            )
 
 
 if __name__ == "__main__":

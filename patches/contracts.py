@@ -67,20 +67,25 @@ def check_contract(contract: UpstreamContract) -> None:
         raise ContractVersionError(
             f"upstream contract {contract.name!r} ({contract.relied_on_by}: {contract.reason}) was verified on "
             f"{contract.distribution}{contract.versions} but {contract.distribution} "
-            f"{version or 'is not installed'} is; re-verify {', '.join(contract.targets())} and widen the range")
+            f"{version or 'is not installed'} is; re-verify {', '.join(contract.targets())} and widen the range"
+        )
     for target, expected in contract.signatures:
         owner, attr = _resolve(target)
         found = parameter_names(getattr(owner, attr))
         if found != expected:
-            raise ContractBrokenError(f"upstream contract {contract.name!r} ({contract.relied_on_by}): {target} "
-                                      f"takes {found}, the contract relies on {expected}")
+            raise ContractBrokenError(
+                f"upstream contract {contract.name!r} ({contract.relied_on_by}): {target} "
+                f"takes {found}, the contract relies on {expected}"
+            )
     for target, expressions in contract.calls:
         owner, attr = _resolve(target)
         source = _compact(inspect.getsource(getattr(owner, attr)))
         for expression in expressions:
             if _compact(expression) not in source:
-                raise ContractBrokenError(f"upstream contract {contract.name!r} ({contract.relied_on_by}): "
-                                          f"{target} no longer calls {expression!r}")
+                raise ContractBrokenError(
+                    f"upstream contract {contract.name!r} ({contract.relied_on_by}): "
+                    f"{target} no longer calls {expression!r}"
+                )
 
 
 _VERIFIED: set[str] = set()
@@ -103,36 +108,98 @@ _GPT = "megatron.core.models.gpt.gpt_model.GPTModel"
 _LAYER = "megatron.core.transformer.transformer_layer.TransformerLayer"
 _ATTENTION = "megatron.core.transformer.dot_product_attention.DotProductAttention"
 
-GPT_POSTPROCESS = declare(UpstreamContract(
-    "gpt-model-postprocess", "models/heads.py HeadedGPTModel",
-    "GPTModel.forward ends in self._postprocess(hidden_states=..., ...) by keyword; the override takes "
-    "hidden_states, labels, loss_mask, runtime_gather_output, inference_context and hands the rest back",
-    signatures=((f"{_GPT}._postprocess", (
-        "self", "hidden_states", "input_ids", "position_ids", "labels", "rotary_pos_emb", "rotary_pos_cos",
-        "rotary_pos_sin", "mtp_in_postprocess", "loss_mask", "decoder_input", "attention_mask", "inference_params",
-        "packed_seq_params", "sequence_len_offset", "runtime_gather_output", "extra_block_kwargs",
-        "inference_context")),),
-    calls=((f"{_GPT}.forward", ("return self._postprocess(hidden_states=hidden_states,",)),),
-))
+GPT_POSTPROCESS = declare(
+    UpstreamContract(
+        "gpt-model-postprocess",
+        "models/heads.py HeadedGPTModel",
+        "GPTModel.forward ends in self._postprocess(hidden_states=..., ...) by keyword; the override takes "
+        "hidden_states, labels, loss_mask, runtime_gather_output, inference_context and hands the rest back",
+        signatures=(
+            (
+                f"{_GPT}._postprocess",
+                (
+                    "self",
+                    "hidden_states",
+                    "input_ids",
+                    "position_ids",
+                    "labels",
+                    "rotary_pos_emb",
+                    "rotary_pos_cos",
+                    "rotary_pos_sin",
+                    "mtp_in_postprocess",
+                    "loss_mask",
+                    "decoder_input",
+                    "attention_mask",
+                    "inference_params",
+                    "packed_seq_params",
+                    "sequence_len_offset",
+                    "runtime_gather_output",
+                    "extra_block_kwargs",
+                    "inference_context",
+                ),
+            ),
+        ),
+        calls=((f"{_GPT}.forward", ("return self._postprocess(hidden_states=hidden_states,",)),),
+    )
+)
 
-LAYER_SCALE_BDA = declare(UpstreamContract(
-    "transformer-layer-bias-dropout-add", "models/layers.py LayerScaleTransformerLayer",
-    "TransformerLayer keeps self_attn_bda / mlp_bda as builders (training, fused) -> f(x_with_bias, residual, "
-    "prob) and calls them on the branch output; the layer-scale wrapper replaces the attributes after __init__",
-    signatures=(("megatron.core.fusions.fused_bias_dropout.get_bias_dropout_add", ("training", "fused")),),
-    calls=((f"{_LAYER}._forward_attention",
-            ("self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(attention_output_with_bias,",)),
-           (f"{_LAYER}._forward_post_mlp", ("self.mlp_bda(self.training, self.config.bias_dropout_fusion)(",))),
-))
+LAYER_SCALE_BDA = declare(
+    UpstreamContract(
+        "transformer-layer-bias-dropout-add",
+        "models/layers.py LayerScaleTransformerLayer",
+        "TransformerLayer keeps self_attn_bda / mlp_bda as builders (training, fused) -> f(x_with_bias, residual, "
+        "prob) and calls them on the branch output; the layer-scale wrapper replaces the attributes after __init__",
+        signatures=(("megatron.core.fusions.fused_bias_dropout.get_bias_dropout_add", ("training", "fused")),),
+        calls=(
+            (
+                f"{_LAYER}._forward_attention",
+                ("self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(attention_output_with_bias,",),
+            ),
+            (f"{_LAYER}._forward_post_mlp", ("self.mlp_bda(self.training, self.config.bias_dropout_fusion)(",)),
+        ),
+    )
+)
 
-DOT_PRODUCT_ATTENTION = declare(UpstreamContract(
-    "dot-product-attention-signature", "parallel/attention.py RingDotProductAttention",
-    "the ring core-attention module is built in DotProductAttention's slot with its constructor and forward "
-    "arguments; Attention calls the slot with keywords, so a builder (a partial binding the kernel) fits",
-    signatures=((f"{_ATTENTION}.__init__", ("self", "config", "layer_number", "attn_mask_type", "attention_type",
-                                            "attention_dropout", "softmax_scale", "cp_comm_type", "pg_collection")),
-                (f"{_ATTENTION}.forward", ("self", "query", "key", "value", "attention_mask", "attn_mask_type",
-                                           "attention_bias", "packed_seq_params"))),
-    calls=(("megatron.core.transformer.attention.Attention.__init__",
-            ("self.core_attention = submodules.core_attention(config=tmp_config, layer_number=self.layer_number,",)),),
-))
+DOT_PRODUCT_ATTENTION = declare(
+    UpstreamContract(
+        "dot-product-attention-signature",
+        "parallel/attention.py RingDotProductAttention",
+        "the ring core-attention module is built in DotProductAttention's slot with its constructor and forward "
+        "arguments; Attention calls the slot with keywords, so a builder (a partial binding the kernel) fits",
+        signatures=(
+            (
+                f"{_ATTENTION}.__init__",
+                (
+                    "self",
+                    "config",
+                    "layer_number",
+                    "attn_mask_type",
+                    "attention_type",
+                    "attention_dropout",
+                    "softmax_scale",
+                    "cp_comm_type",
+                    "pg_collection",
+                ),
+            ),
+            (
+                f"{_ATTENTION}.forward",
+                (
+                    "self",
+                    "query",
+                    "key",
+                    "value",
+                    "attention_mask",
+                    "attn_mask_type",
+                    "attention_bias",
+                    "packed_seq_params",
+                ),
+            ),
+        ),
+        calls=(
+            (
+                "megatron.core.transformer.attention.Attention.__init__",
+                ("self.core_attention = submodules.core_attention(config=tmp_config, layer_number=self.layer_number,",),
+            ),
+        ),
+    )
+)

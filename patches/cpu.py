@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -113,16 +114,33 @@ def _declare(name: str, target: str, make: Callable, reason: str, *, distributio
     register(Patch(name, target, make, reason, ("cpu",), versions, distribution))
 
 
-_declare("cpu-current-device", "torch.cuda.current_device", _cpu_device,
-         "megatron allocates on torch.cuda.current_device() (param buffers, RoPE, optimizer)",
-         distribution="torch")
-_declare("cpu-synchronize", "torch.cuda.synchronize", _noop_synchronize,
-         "p2p_communication and the async checkpoint writer call torch.cuda.synchronize()",
-         distribution="torch")
-_declare("cpu-rng-tracker-add", "megatron.core.tensor_parallel.random.CudaRNGStatesTracker.add",
-         _cpu_rng_add, "the model-parallel RNG tracker seeds CUDA generators")
-_declare("cpu-rng-tracker-fork", "megatron.core.tensor_parallel.random.CudaRNGStatesTracker.fork",
-         _cpu_rng_fork, "dropout and TP weight init fork the CUDA RNG state even at p=0")
+_declare(
+    "cpu-current-device",
+    "torch.cuda.current_device",
+    _cpu_device,
+    "megatron allocates on torch.cuda.current_device() (param buffers, RoPE, optimizer)",
+    distribution="torch",
+)
+_declare(
+    "cpu-synchronize",
+    "torch.cuda.synchronize",
+    _noop_synchronize,
+    "p2p_communication and the async checkpoint writer call torch.cuda.synchronize()",
+    distribution="torch",
+)
+_declare(
+    "cpu-rng-tracker-add",
+    "megatron.core.tensor_parallel.random.CudaRNGStatesTracker.add",
+    _cpu_rng_add,
+    "the model-parallel RNG tracker seeds CUDA generators",
+)
+_declare(
+    "cpu-rng-tracker-fork",
+    "megatron.core.tensor_parallel.random.CudaRNGStatesTracker.fork",
+    _cpu_rng_fork,
+    "dropout and TP weight init fork the CUDA RNG state even at p=0",
+)
+
 
 def _cpu_get_rng_state(_original: Callable) -> Callable:
     def get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
@@ -139,10 +157,18 @@ def _cpu_set_rng_state(_original: Callable) -> Callable:
     return set_rng_state
 
 
-_declare("cpu-get-rng-state", "megatron.core.tensor_parallel.random._get_cuda_rng_state", _cpu_get_rng_state,
-         "activation recompute (CheckpointFunction) saves the CUDA RNG state")
-_declare("cpu-set-rng-state", "megatron.core.tensor_parallel.random._set_cuda_rng_state", _cpu_set_rng_state,
-         "activation recompute restores the CUDA RNG state before re-running the forward")
+_declare(
+    "cpu-get-rng-state",
+    "megatron.core.tensor_parallel.random._get_cuda_rng_state",
+    _cpu_get_rng_state,
+    "activation recompute (CheckpointFunction) saves the CUDA RNG state",
+)
+_declare(
+    "cpu-set-rng-state",
+    "megatron.core.tensor_parallel.random._set_cuda_rng_state",
+    _cpu_set_rng_state,
+    "activation recompute restores the CUDA RNG state before re-running the forward",
+)
 
 
 def _cpu_pos_emb_split(_original: Callable) -> Callable:
@@ -156,30 +182,44 @@ def _cpu_pos_emb_split(_original: Callable) -> Callable:
     return get_pos_emb_on_this_cp_rank
 
 
-_declare("cpu-rope-cp-split",
-         "megatron.core.models.common.embeddings.rotary_pos_embedding.get_pos_emb_on_this_cp_rank",
-         _cpu_pos_emb_split, "slices RoPE per CP rank through a pinned host tensor and .cuda()")
+_declare(
+    "cpu-rope-cp-split",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding.get_pos_emb_on_this_cp_rank",
+    _cpu_pos_emb_split,
+    "slices RoPE per CP rank through a pinned host tensor and .cuda()",
+)
 
 for _target, _why in (
-    ("megatron.core.transformer.utils.get_default_causal_mask",
-     "builds the causal mask with device='cuda' when no mask is passed"),
-    ("megatron.core.optimizer.optimizer.FP32Optimizer.__init__",
-     "allocates its loss-scale tensor with device='cuda'"),
-    ("megatron.core.optimizer.clip_grads.get_grad_norm_fp32",
-     "reduces the grad norm in a device='cuda' tensor"),
-    ("megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
-     "asserts grads are torch.cuda.FloatTensor and allocates on cuda"),
-    ("megatron.core.optimizer.clip_grads.count_zeros_fp32",
-     "counts zeros in a device='cuda' tensor"),
-    ("megatron.core.optimizer.optimizer.MixedPrecisionOptimizer.__init__",
-     "allocates its overflow buffer with device='cuda'"),
-    ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.__init__",
-     "accepts only torch.cuda.* parameter types when building its shards"),
-    ("megatron.core.pipeline_parallel.schedules.forward_backward_no_pipelining",
-     "counts tokens in a device='cuda' tensor"),
-    ("megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_without_interleaving",
-     "counts tokens in a device='cuda' tensor"),
-    ("megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_with_interleaving",
-     "counts tokens in a device='cuda' tensor"),
+    (
+        "megatron.core.transformer.utils.get_default_causal_mask",
+        "builds the causal mask with device='cuda' when no mask is passed",
+    ),
+    ("megatron.core.optimizer.optimizer.FP32Optimizer.__init__", "allocates its loss-scale tensor with device='cuda'"),
+    ("megatron.core.optimizer.clip_grads.get_grad_norm_fp32", "reduces the grad norm in a device='cuda' tensor"),
+    (
+        "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
+        "asserts grads are torch.cuda.FloatTensor and allocates on cuda",
+    ),
+    ("megatron.core.optimizer.clip_grads.count_zeros_fp32", "counts zeros in a device='cuda' tensor"),
+    (
+        "megatron.core.optimizer.optimizer.MixedPrecisionOptimizer.__init__",
+        "allocates its overflow buffer with device='cuda'",
+    ),
+    (
+        "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.__init__",
+        "accepts only torch.cuda.* parameter types when building its shards",
+    ),
+    (
+        "megatron.core.pipeline_parallel.schedules.forward_backward_no_pipelining",
+        "counts tokens in a device='cuda' tensor",
+    ),
+    (
+        "megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_without_interleaving",
+        "counts tokens in a device='cuda' tensor",
+    ),
+    (
+        "megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_with_interleaving",
+        "counts tokens in a device='cuda' tensor",
+    ),
 ):
     _declare(f"cpu-device:{_target.rsplit('.', 2)[-2]}.{_target.rsplit('.', 1)[-1]}", _target, on_cpu, _why)

@@ -15,7 +15,8 @@ import queue
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron_longvita.platform"]
 _context = mp.get_context("forkserver")
@@ -32,11 +33,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(fn: Callable, rank: int, world_size: int, port: int, results: Any,
-               args: tuple, kwargs: dict, env: dict[str, str]) -> None:
+def _rank_main(
+    fn: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple, kwargs: dict, env: dict[str, str]
+) -> None:
     os.environ.update(env)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     import torch
 
     torch.set_num_threads(1)  # N ranks share 2 cores; oversubscription makes gloo crawl
@@ -60,14 +68,16 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, results: Any
             destroy_distributed()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
-                    env: dict[str, str] | None = None, **kwargs: Any) -> list[Any]:
+def run_distributed(
+    fn: Callable, world_size: int, *args: Any, timeout: float = 180.0, env: dict[str, str] | None = None, **kwargs: Any
+) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return the per-rank results."""
     results = _context.Queue()
     port = free_port()
     procs = [
-        _context.Process(target=_rank_main, name=f"rank{rank}",
-                         args=(fn, rank, world_size, port, results, args, kwargs, env or {}))
+        _context.Process(
+            target=_rank_main, name=f"rank{rank}", args=(fn, rank, world_size, port, results, args, kwargs, env or {})
+        )
         for rank in range(world_size)
     ]
     for proc in procs:
@@ -85,8 +95,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             except queue.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RankFailed(
-                        f"{fn.__name__}: {dead[0].name} died with exit code {dead[0].exitcode}") from None
+                    raise RankFailed(f"{fn.__name__}: {dead[0].name} died with exit code {dead[0].exitcode}") from None
                 continue
             if status == "error":
                 raise RankFailed(f"{fn.__name__} failed on rank {rank} of {world_size}:\n{value}")

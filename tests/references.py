@@ -27,8 +27,12 @@ from torch.utils._pytree import tree_leaves
 # -- the tiny InternVL checkpoint ---------------------------------------------------------
 
 VOCAB = 300
-IMAGE_TOKEN = 280  # <IMG_CONTEXT>; <PATCH_CONTEXT> = IMAGE_TOKEN + 6 (docs/design.md, "Token layout")
-PATCH_TOKEN = IMAGE_TOKEN + 6
+# Its tokenizer: 278 tokens, then the 17 Long-VITA tokens (<IMG_CONTEXT> 280, <VID_CONTEXT> 283,
+# <PATCH_CONTEXT> 286); the converter finds them by their text.
+TOKENIZER_SIZE = 295
+IMAGE_TOKEN = 280
+VIDEO_TOKEN = 283
+PATCH_TOKEN = 286
 TOKENS_PER_TILE = 4
 STEPS = 8
 TOLERANCE = 1e-4
@@ -39,6 +43,10 @@ def save_tiny_internvl(directory: str) -> None:
     """Random (not default-initialised: zeros and constant layer scales would hide mistakes) weights."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
+    from megatron_longvita.config.tokens import SPECIAL_TOKENS
+    from tests.hf_checkpoints import qwen_style_tokenizer
+
+    qwen_style_tokenizer(directory, TOKENIZER_SIZE, SPECIAL_TOKENS)
     config = InternVLConfig(
         vision_config=dict(
             hidden_size=32,
@@ -126,7 +134,7 @@ def transformers_greedy(hf_dir: str) -> dict[str, tuple[torch.Tensor, list[int]]
 def comparable_tokens(tokens: list[int]) -> list[int]:
     """Tokens up to the first vision placeholder id: the engine never emits one (input-only),
     transformers' InternVL treats all but <IMG_CONTEXT> as text."""
-    placeholders = (IMAGE_TOKEN, PATCH_TOKEN, IMAGE_TOKEN + 3)
+    placeholders = (IMAGE_TOKEN, PATCH_TOKEN, VIDEO_TOKEN)
     return next((tokens[:i] for i, t in enumerate(tokens) if t in placeholders), tokens)
 
 
@@ -232,6 +240,9 @@ class LiveTensorBytes(TorchDispatchMode):
         for label, nbytes in self._at_peak:
             totals[label] += nbytes
             counts[label] += 1
-        rows = [{"mib": round(nbytes / MIB, 3), "count": counts[label], "what": label}
-                for label, nbytes in totals.most_common(top) if nbytes >= min_bytes]
+        rows = [
+            {"mib": round(nbytes / MIB, 3), "count": counts[label], "what": label}
+            for label, nbytes in totals.most_common(top)
+            if nbytes >= min_bytes
+        ]
         return rows

@@ -1,6 +1,6 @@
 """Write the synthetic coloured-shapes corpus (JSONL + media + mixture + tokenizer).
 
-    python tools/make_synthetic_dataset.py --out runs/quickstart/data [--preset tiny]
+python tools/make_synthetic_dataset.py --out runs/quickstart/data [--preset tiny]
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     model = get_preset(args.preset)
     corpus = make_corpus(args.out, model.image_token_id, model.image_size, args.num_images, args.num_videos)
-    print(json.dumps({"mixture": corpus.mixture, "tokenizer": corpus.tokenizer_dir,
-                      "test_images": corpus.test_images}))
+    print(json.dumps({"mixture": corpus.mixture, "tokenizer": corpus.tokenizer_dir, "test_images": corpus.test_images}))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ import io
 import json
 import os
 from collections import Counter, defaultdict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import yaml
 from PIL import Image, UnidentifiedImageError
@@ -251,9 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     total, records = LAYOUTS[args.layout](os.path.abspath(args.source), out)
-    media_config = MediaConfig(
-        image_size=args.image_size, max_tiles=args.max_tiles, max_num_frames=args.max_num_frames
-    )
+    media_config = MediaConfig(image_size=args.image_size, max_tiles=args.max_tiles, max_num_frames=args.max_num_frames)
     tokenizer = ChatTokenizer.from_dir(args.tokenizer) if args.tokenizer else None
     writer = ShardWriter(out, args.shard_size)
     not_converted: Counter[str] = Counter()

@@ -14,13 +14,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.transformer import MegatronModule
 
 logger = logging.getLogger(__name__)
@@ -55,9 +57,50 @@ def save_model(chunks: list[torch.nn.Module], checkpoint_dir: str) -> None:
     dist_checkpointing.save(sharded_model_state(chunks), checkpoint_dir)
 
 
-def load_model(chunks: list[torch.nn.Module], checkpoint_dir: str) -> None:
-    """Collective: loads whatever layout the checkpoint was saved at into these chunks."""
-    _load_model_state(chunks, dist_checkpointing.load(sharded_model_state(chunks), checkpoint_dir))
+class CheckpointMismatch(ValueError):
+    """The checkpoint's tensors and the model's differ; names them."""
+
+
+def _model_tensor_mismatch(
+    parts: tuple[str, ...], not_loaded: set[str], not_found: set[str], checkpoint_dir: str, allow_unused: bool
+) -> None:
+    """Every model tensor must come from the checkpoint; every checkpoint tensor of the model's parts
+    must be loaded (a projector bias or an extra layer would otherwise vanish without a word). TE's
+    `_extra_state` (FP8 metadata, not weights) and other sections (optimizer, RNG) are not model tensors."""
+    unused = sorted(key for key in not_loaded if key.startswith(parts) and not key.endswith("_extra_state"))
+    absent = sorted(key for key in not_found if not key.endswith("_extra_state"))
+    if absent:
+        raise CheckpointMismatch(f"{checkpoint_dir} lacks {len(absent)} tensor(s) the model has: {', '.join(absent)}")
+    if unused and not allow_unused:
+        raise CheckpointMismatch(
+            f"{checkpoint_dir} has {len(unused)} tensor(s) the model does not use: "
+            f"{', '.join(unused)} (the model config disagrees with the weights; "
+            "train --allow-unused-tensors loads anyway and logs each)"
+        )
+    for key in unused:
+        logger.warning("%s: tensor %s is not used by this model (--allow-unused-tensors)", checkpoint_dir, key)
+
+
+def _sharded_keys(state: Any) -> list[str]:
+    if isinstance(state, dict):
+        return [key for value in state.values() for key in _sharded_keys(value)]
+    if isinstance(state, (list, tuple)):
+        return [key for value in state for key in _sharded_keys(value)]
+    return [state.key] if hasattr(state, "key") else []
+
+
+def load_model(chunks: list[torch.nn.Module], checkpoint_dir: str, allow_unused: bool = False) -> None:
+    """Collective: loads whatever layout the checkpoint was saved at into these chunks, refusing a
+    checkpoint whose model tensors differ from the chunks' (see `_model_tensor_mismatch`)."""
+    requested = sharded_model_state(chunks)
+    # the model's parts over all ranks (a pipeline stage holds only some), e.g. "vision."
+    local_parts = {key.split(".", 1)[0] + "." for key in _sharded_keys(requested)}
+    every_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, local_parts)
+    parts = tuple(sorted(set().union(*every_rank)))
+    state, not_loaded, not_found = dist_checkpointing.load(requested, checkpoint_dir, strict=StrictHandling.RETURN_ALL)
+    _model_tensor_mismatch(parts, set(not_loaded), set(not_found), checkpoint_dir, allow_unused)
+    _load_model_state(chunks, state)
 
 
 def _per_rank(key: str, value: Any) -> ShardedObject:
@@ -71,8 +114,12 @@ def _rng_state() -> dict[str, Any]:
     import numpy as np
     from megatron.core import tensor_parallel
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -114,9 +161,15 @@ class ResumePoint:
     data: Optional[dict]  # this rank's data-iterator state
 
 
-def save_training_checkpoint(save_dir: str, iteration: int, chunks: list[torch.nn.Module], optimizer,
-                             scheduler, data_state: Optional[dict],
-                             write_extra: Optional[Callable[[str], None]] = None) -> str:
+def save_training_checkpoint(
+    save_dir: str,
+    iteration: int,
+    chunks: list[torch.nn.Module],
+    optimizer,
+    scheduler,
+    data_state: Optional[dict],
+    write_extra: Optional[Callable[[str], None]] = None,
+) -> str:
     """Collective. Returns the final checkpoint directory. ``write_extra(directory)`` runs on rank 0
     before the rename, so side files (e.g. the model config) are part of the atomic checkpoint."""
     final = iteration_dir(save_dir, iteration)
@@ -186,8 +239,9 @@ def _restore_adam_steps(optimizer, optimizer_state: dict) -> None:
             param_state["step"] = torch.tensor(float(step))
 
 
-def load_training_checkpoint(save_dir: str, chunks: list[torch.nn.Module], optimizer, scheduler,
-                             iteration: Optional[int] = None) -> Optional[ResumePoint]:
+def load_training_checkpoint(
+    save_dir: str, chunks: list[torch.nn.Module], optimizer, scheduler, iteration: Optional[int] = None
+) -> Optional[ResumePoint]:
     """Collective. Restores the latest (or given) checkpoint; None when there is none."""
     iteration = latest_iteration(save_dir) if iteration is None else iteration
     if iteration is None:

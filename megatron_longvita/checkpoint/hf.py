@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
@@ -66,8 +66,9 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> Iterator[
         yield shard
 
 
-def save_hf_checkpoint(directory: str, config: dict, tensors: dict[str, torch.Tensor],
-                       max_shard_bytes: int = 5 * 2**30) -> None:
+def save_hf_checkpoint(
+    directory: str, config: dict, tensors: dict[str, torch.Tensor], max_shard_bytes: int = 5 * 2**30
+) -> None:
     """config.json plus one safetensors file, or numbered shards and an index above `max_shard_bytes`."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:

@@ -1,19 +1,19 @@
-"""ONE declarative HF <-> megatron-core table (docs/design.md, "Checkpoint names") and the named tensor transforms.
+"""The HF <-> megatron-core tensor rows and the named tensor transforms (docs/design.md, "Checkpoint names").
 
 Each row says which HF tensors make one megatron tensor and by which transform; both
 directions run from the same row. Megatron names are those of the unsharded (TP=1) local-spec
 model; tensor-parallel splits are not in the table because torch_dist checkpoints are saved
 whole-tensor-addressed and megatron's dist_checkpointing reshards them on load.
 
-Formats: ``internvl`` (transformers' InternVLForConditionalGeneration, both its on-disk and
-its module names), ``longvita`` (the Long-VITA released HF names), ``qwen2`` (a text-only
-Qwen2 checkpoint) and ``internvit`` (a standalone InternViT checkpoint, vision only).
+The rows are building blocks: each registered checkpoint format (checkpoint/formats.py) puts
+them under its own prefixes as `Part`s, one list of parts per on-disk layout it reads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -41,8 +41,11 @@ def _qkv(heads: int, groups: int, head_dim: int) -> Transform:
     def to_mcore(hf: Sequence[Tensor]) -> Tensor:
         q, k, v = hf
         rest = q.shape[1:]
-        per_group = [q.reshape(groups, q_rows, *rest), k.reshape(groups, head_dim, *rest),
-                     v.reshape(groups, head_dim, *rest)]
+        per_group = [
+            q.reshape(groups, q_rows, *rest),
+            k.reshape(groups, head_dim, *rest),
+            v.reshape(groups, head_dim, *rest),
+        ]
         return torch.cat(per_group, dim=1).reshape(-1, *rest)
 
     def to_hf(mc: Tensor) -> list[Tensor]:
@@ -56,8 +59,9 @@ def _qkv(heads: int, groups: int, head_dim: int) -> Transform:
 def _fused_qkv(heads: int, head_dim: int) -> Transform:
     """InternViT's stacked [q; k; v] -> per head [q, k, v]."""
     per_head = _qkv(heads, heads, head_dim)
-    return Transform(lambda hf: per_head.to_mcore(hf[0].chunk(3, dim=0)),
-                     lambda mc: [torch.cat(per_head.to_hf(mc), dim=0)])
+    return Transform(
+        lambda hf: per_head.to_mcore(hf[0].chunk(3, dim=0)), lambda mc: [torch.cat(per_head.to_hf(mc), dim=0)]
+    )
 
 
 def _gated_mlp() -> Transform:
@@ -80,8 +84,9 @@ def transforms(config: ModelConfig) -> dict[str, Transform]:
     vision_head_dim = vision.hidden_size // vision.num_attention_heads
     return {
         "copy": _copy(),
-        "qkv": _qkv(decoder.num_attention_heads, decoder.num_query_groups,
-                    decoder.hidden_size // decoder.num_attention_heads),
+        "qkv": _qkv(
+            decoder.num_attention_heads, decoder.num_query_groups, decoder.hidden_size // decoder.num_attention_heads
+        ),
         "vision_qkv": _qkv(vision.num_attention_heads, vision.num_attention_heads, vision_head_dim),
         "vision_fused_qkv": _fused_qkv(vision.num_attention_heads, vision_head_dim),
         "gated_mlp": _gated_mlp(),
@@ -96,13 +101,18 @@ Row = tuple[str, tuple[str, ...], str]
 LANGUAGE_ROWS: list[Row] = [
     ("embedding.word_embeddings.weight", ("{p}embed_tokens.weight",), "vocab"),
     ("decoder.layers.{i}.input_layernorm.weight", ("{p}layers.{i}.input_layernorm.weight",), "copy"),
-    ("decoder.layers.{i}.self_attention.linear_qkv.*",
-     ("{p}layers.{i}.self_attn.q_proj.*", "{p}layers.{i}.self_attn.k_proj.*", "{p}layers.{i}.self_attn.v_proj.*"),
-     "qkv"),
+    (
+        "decoder.layers.{i}.self_attention.linear_qkv.*",
+        ("{p}layers.{i}.self_attn.q_proj.*", "{p}layers.{i}.self_attn.k_proj.*", "{p}layers.{i}.self_attn.v_proj.*"),
+        "qkv",
+    ),
     ("decoder.layers.{i}.self_attention.linear_proj.weight", ("{p}layers.{i}.self_attn.o_proj.weight",), "copy"),
     ("decoder.layers.{i}.pre_mlp_layernorm.weight", ("{p}layers.{i}.post_attention_layernorm.weight",), "copy"),
-    ("decoder.layers.{i}.mlp.linear_fc1.weight",
-     ("{p}layers.{i}.mlp.gate_proj.weight", "{p}layers.{i}.mlp.up_proj.weight"), "gated_mlp"),
+    (
+        "decoder.layers.{i}.mlp.linear_fc1.weight",
+        ("{p}layers.{i}.mlp.gate_proj.weight", "{p}layers.{i}.mlp.up_proj.weight"),
+        "gated_mlp",
+    ),
     ("decoder.layers.{i}.mlp.linear_fc2.weight", ("{p}layers.{i}.mlp.down_proj.weight",), "copy"),
     ("decoder.final_layernorm.weight", ("{p}norm.weight",), "copy"),
 ]
@@ -114,11 +124,20 @@ VISION_ROWS: dict[str, list[Row]] = {
         ("position_embedding", ("{p}embeddings.position_embeddings",), "copy"),
         ("patch_embedding.*", ("{p}embeddings.patch_embeddings.projection.*",), "copy"),
         ("decoder.layers.{i}.input_layernorm.*", ("{p}encoder.layer.{i}.layernorm_before.*",), "copy"),
-        ("decoder.layers.{i}.self_attention.linear_qkv.*",
-         ("{p}encoder.layer.{i}.attention.q_proj.*", "{p}encoder.layer.{i}.attention.k_proj.*",
-          "{p}encoder.layer.{i}.attention.v_proj.*"), "vision_qkv"),
-        ("decoder.layers.{i}.self_attention.linear_proj.*", ("{p}encoder.layer.{i}.attention.projection_layer.*",),
-         "copy"),
+        (
+            "decoder.layers.{i}.self_attention.linear_qkv.*",
+            (
+                "{p}encoder.layer.{i}.attention.q_proj.*",
+                "{p}encoder.layer.{i}.attention.k_proj.*",
+                "{p}encoder.layer.{i}.attention.v_proj.*",
+            ),
+            "vision_qkv",
+        ),
+        (
+            "decoder.layers.{i}.self_attention.linear_proj.*",
+            ("{p}encoder.layer.{i}.attention.projection_layer.*",),
+            "copy",
+        ),
         ("decoder.layers.{i}.ls1", ("{p}encoder.layer.{i}.lambda_1",), "copy"),
         ("decoder.layers.{i}.pre_mlp_layernorm.*", ("{p}encoder.layer.{i}.layernorm_after.*",), "copy"),
         ("decoder.layers.{i}.mlp.linear_fc1.*", ("{p}encoder.layer.{i}.mlp.fc1.*",), "copy"),
@@ -163,26 +182,14 @@ class Part:
     hf_prefix: str
 
 
-def _multimodal(vision: list[Row], projector: list[Row], prefixes: tuple[str, str, str, str]) -> list[Part]:
-    return [Part("vision.", vision, prefixes[0]), Part("projector.", projector, prefixes[1]),
-            Part("language_model.", LANGUAGE_ROWS, prefixes[2]), Part("language_model.", HEAD_ROWS, prefixes[3])]
-
-
-# format -> its on-disk layouts; the first is the one written. transformers' save_pretrained
-# writes InternVL under the hub names (vision_tower., language_model.model., ...), its modules
-# are named model.vision_tower., model.language_model., ...; both are read.
-FORMATS: dict[str, list[list[Part]]] = {
-    "internvl": [
-        _multimodal(VISION_ROWS["internvl"], PROJECTOR_ROWS["internvl"],
-                    ("vision_tower.", "multi_modal_projector.", "language_model.model.", "language_model.")),
-        _multimodal(VISION_ROWS["internvl"], PROJECTOR_ROWS["internvl"],
-                    ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "")),
-    ],
-    "longvita": [_multimodal(VISION_ROWS["internvit"], PROJECTOR_ROWS["longvita"],
-                             ("model.vision_model.", "model.vision_projection.", "model.", ""))],
-    "qwen2": [[Part("language_model.", LANGUAGE_ROWS, "model."), Part("language_model.", HEAD_ROWS, "")]],
-    "internvit": [[Part("vision.", VISION_ROWS["internvit"], "")]],
-}
+def multimodal_parts(vision: list[Row], projector: list[Row], prefixes: tuple[str, str, str, str]) -> list[Part]:
+    """Vision tower, projector, LLM and output layer under the given HF prefixes."""
+    return [
+        Part("vision.", vision, prefixes[0]),
+        Part("projector.", projector, prefixes[1]),
+        Part("language_model.", LANGUAGE_ROWS, prefixes[2]),
+        Part("language_model.", HEAD_ROWS, prefixes[3]),
+    ]
 
 
 @dataclass(frozen=True)
@@ -208,24 +215,23 @@ def _expand(parts: list[Part], config: ModelConfig, wanted: set[str], named: dic
     return result
 
 
-def mappings(fmt: str, config: ModelConfig, mcore_names: Sequence[str],
-             hf_names: Optional[Sequence[str]] = None) -> list[Mapping]:
-    """The table for `fmt`, expanded over layers and weight/bias, restricted to `mcore_names`.
+def mappings(
+    layouts: list[list[Part]], config: ModelConfig, mcore_names: Sequence[str], hf_names: Optional[Sequence[str]] = None
+) -> list[Mapping]:
+    """A format's rows, expanded over layers and weight/bias, restricted to `mcore_names`.
 
     The model decides which tensors exist (e.g. projector biases); every one of them under
     the format's parts must be covered by a row, or the table is incomplete. With `hf_names`
-    (reading), the layout that names most of them is used; else the format's first layout.
+    (reading), the layout that names most of them is used; else the first layout.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown checkpoint format {fmt!r}; expected one of {', '.join(FORMATS)}")
     named = transforms(config)
     wanted = set(mcore_names)
-    layouts = [_expand(parts, config, wanted, named) for parts in FORMATS[fmt]]
+    expanded = [_expand(parts, config, wanted, named) for parts in layouts]
     present = set(hf_names or ())
-    result = max(layouts, key=lambda rows: sum(name in present for row in rows for name in row.hf))
+    result = max(expanded, key=lambda rows: sum(name in present for row in rows for name in row.hf))
     covered = {row.mcore for row in result}
-    prefixes = {part.mcore_prefix for part in FORMATS[fmt][0]}
+    prefixes = {part.mcore_prefix for part in layouts[0]}
     uncovered = sorted(n for n in wanted if n.startswith(tuple(prefixes)) and n not in covered)
     if uncovered:
-        raise KeyError(f"the {fmt} table has no row for megatron tensor(s) {', '.join(uncovered)}")
+        raise KeyError(f"the table has no row for megatron tensor(s) {', '.join(uncovered)}")
     return result

@@ -52,16 +52,13 @@ class MediaConfig:
                 f"{self.image_size // self.patch_size}x{self.image_size // self.patch_size} patch grid"
             )
         if not 1 <= self.min_tiles <= self.max_tiles:
-            raise ConfigError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, "
-                              f"{self.max_tiles}")
+            raise ConfigError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
         if self.thumbnail_position not in ("first", "last"):
-            raise ConfigError(f"thumbnail_position must be 'first' or 'last', "
-                              f"got {self.thumbnail_position!r}")
+            raise ConfigError(f"thumbnail_position must be 'first' or 'last', got {self.thumbnail_position!r}")
         if self.frame_fit not in ("pad", "stretch"):
             raise ConfigError(f"frame_fit must be 'pad' or 'stretch', got {self.frame_fit!r}")
         if self.max_fps <= 0 or self.frame_dir_fps <= 0 or self.max_num_frames < 1:
-            raise ConfigError("max_fps and frame_dir_fps must be > 0 and max_num_frames >= 1 "
-                              "(--max-num-frames)")
+            raise ConfigError("max_fps and frame_dir_fps must be > 0 and max_num_frames >= 1 (--max-num-frames)")
 
     @property
     def tokens_per_tile(self) -> int:
@@ -115,5 +112,6 @@ class DataConfig:
 
     def for_rank(self, model_config: Any, seed: int, dp_rank: int, dp_size: int) -> DataConfig:
         """The launcher's fields filled in and the media geometry taken from the model."""
-        return replace(self, media=self.media.with_geometry_of(model_config), seed=seed, dp_rank=dp_rank,
-                       dp_size=dp_size)
+        return replace(
+            self, media=self.media.with_geometry_of(model_config), seed=seed, dp_rank=dp_rank, dp_size=dp_size
+        )

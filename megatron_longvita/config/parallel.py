@@ -29,9 +29,11 @@ class ParallelConfig:
         return world_size // self.model_parallel_size
 
     def validate(self, world_size: int) -> None:
-        for flag, value in (("--tensor-model-parallel-size", self.tensor_model_parallel_size),
-                            ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
-                            ("--context-parallel-size", self.context_parallel_size)):
+        for flag, value in (
+            ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
+            ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
+            ("--context-parallel-size", self.context_parallel_size),
+        ):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         if world_size % self.model_parallel_size:
@@ -60,8 +62,9 @@ PARALLEL_FLAGS: dict[str, tuple[str, str]] = {
 }
 
 
-def add_parallel_arguments(parser: argparse.ArgumentParser, names: Optional[Sequence[str]] = None,
-                           help: Optional[dict[str, str]] = None) -> None:
+def add_parallel_arguments(
+    parser: argparse.ArgumentParser, names: Optional[Sequence[str]] = None, help: Optional[dict[str, str]] = None
+) -> None:
     """Add the flags of the ParallelConfig fields ``names`` (default: all) to ``parser``.
 
     Each flag stores into the field's name and defaults to None (not given), so
@@ -78,6 +81,9 @@ def add_parallel_arguments(parser: argparse.ArgumentParser, names: Optional[Sequ
 
 def parallel_config_from_args(args: argparse.Namespace, base: ParallelConfig = ParallelConfig()) -> ParallelConfig:
     """``base`` with every parallel flag given on the command line applied."""
-    given = {field.name: getattr(args, field.name) for field in fields(ParallelConfig)
-             if getattr(args, field.name, None) is not None}
+    given = {
+        field.name: getattr(args, field.name)
+        for field in fields(ParallelConfig)
+        if getattr(args, field.name, None) is not None
+    }
     return replace(base, **given)

@@ -30,7 +30,7 @@ from megatron_longvita.registry import BIN_PACKERS, OUTPUT_HEADS, PACKING_LAYOUT
 
 @dataclass(frozen=True)
 class ModelSection:
-    preset: str = "tiny"
+    preset: Optional[str] = None  # None: the model config of the checkpoint in --load / --save
     provider: str = "long_vita"
     freeze_vision: bool = False
     freeze_projector: bool = False
@@ -70,6 +70,7 @@ class CheckpointSection:
     load: Optional[str] = None
     save_interval: int = 0
     finetune: bool = False  # load weights only: fresh optimizer, scheduler and data (stage N -> N+1)
+    allow_unused_tensors: bool = False  # --load a checkpoint with tensors the model lacks: log each, not fail
 
 
 @dataclass(frozen=True)
@@ -102,24 +103,33 @@ class TrainConfig:
         """
         self.parallel.validate(world_size)
         if model is not None:
-            model.validate_parallel(self.parallel.tensor_model_parallel_size,
-                                    self.parallel.pipeline_model_parallel_size)
+            model.validate_parallel(
+                self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
+            )
         cp = self.parallel.context_parallel_size
         if cp > 1 and self.data.seq_length % (2 * cp):
-            raise ConfigError(f"--seq-length {self.data.seq_length} is not divisible by 2 x --context-parallel-size "
-                              f"= {2 * cp} (zigzag chunks); use a multiple of {2 * cp}")
+            raise ConfigError(
+                f"--seq-length {self.data.seq_length} is not divisible by 2 x --context-parallel-size "
+                f"= {2 * cp} (zigzag chunks); use a multiple of {2 * cp}"
+            )
         if self.data.packing == "reset" and self.data.micro_batch_size != 1:
-            raise ConfigError("reset packing keeps one packed row per micro-batch (document boundaries are per "
-                              "row): use --micro-batch-size 1")
+            raise ConfigError(
+                "reset packing keeps one packed row per micro-batch (document boundaries are per "
+                "row): use --micro-batch-size 1"
+            )
         dp = self.parallel.data_parallel_size(world_size)
         per_step = self.data.micro_batch_size * dp
         if self.data.global_batch_size % per_step:
-            raise ConfigError(f"--global-batch-size {self.data.global_batch_size} is not divisible by "
-                              f"--micro-batch-size x data-parallel size = {self.data.micro_batch_size} x {dp}; "
-                              f"use a multiple of {per_step}")
-        for setting, registry, name in (("data.packing", PACKING_LAYOUTS, self.data.packing),
-                                        ("data.bin_packer", BIN_PACKERS, self.data.bin_packer),
-                                        ("--lm-head", OUTPUT_HEADS, self.model.lm_head)):
+            raise ConfigError(
+                f"--global-batch-size {self.data.global_batch_size} is not divisible by "
+                f"--micro-batch-size x data-parallel size = {self.data.micro_batch_size} x {dp}; "
+                f"use a multiple of {per_step}"
+            )
+        for setting, registry, name in (
+            ("data.packing", PACKING_LAYOUTS, self.data.packing),
+            ("data.bin_packer", BIN_PACKERS, self.data.bin_packer),
+            ("--lm-head", OUTPUT_HEADS, self.model.lm_head),
+        ):
             try:
                 registry.get(name)
             except UnknownNameError as error:
@@ -132,8 +142,9 @@ class TrainConfig:
         return self.data.global_batch_size // (self.data.micro_batch_size * dp)
 
 
-def _flag(section: str, name: str, kind: type = int,
-          action: Optional[str] = None) -> tuple[str, str, type, Optional[str]]:
+def _flag(
+    section: str, name: str, kind: type = int, action: Optional[str] = None
+) -> tuple[str, str, type, Optional[str]]:
     return section, name, kind, action
 
 
@@ -141,9 +152,15 @@ def _flag(section: str, name: str, kind: type = int,
 # ("data.media"). The one table of flag names; the parallel ones (and their short aliases) are
 # config.parallel's PARALLEL_FLAGS.
 MEGATRON_FLAGS: dict[str, tuple[str, str, type, Optional[str]]] = {
-    **{flag: _flag("parallel", name, bool if name == "sequence_parallel" else int,
-                   "store_true" if name == "sequence_parallel" else None)
-       for name, (flag, _) in PARALLEL_FLAGS.items()},
+    **{
+        flag: _flag(
+            "parallel",
+            name,
+            bool if name == "sequence_parallel" else int,
+            "store_true" if name == "sequence_parallel" else None,
+        )
+        for name, (flag, _) in PARALLEL_FLAGS.items()
+    },
     "--seq-length": _flag("data", "seq_length"),
     "--micro-batch-size": _flag("data", "micro_batch_size"),
     "--global-batch-size": _flag("data", "global_batch_size"),
@@ -166,6 +183,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, str, type, Optional[str]]] = {
     "--load": _flag("checkpoint", "load", str),
     "--save-interval": _flag("checkpoint", "save_interval"),
     "--finetune": _flag("checkpoint", "finetune", bool, "store_true"),
+    "--allow-unused-tensors": _flag("checkpoint", "allow_unused_tensors", bool, "store_true"),
     "--recompute-num-layers": _flag("model", "recompute_num_layers"),
     "--vision-recompute-num-layers": _flag("model", "vision_recompute_num_layers"),
     "--lm-head": _flag("model", "lm_head", str),
@@ -177,8 +195,15 @@ MEGATRON_FLAGS: dict[str, tuple[str, str, type, Optional[str]]] = {
     "--seed": _flag("", "seed"),
 }
 
-_SECTIONS = {"model": ModelSection, "parallel": ParallelConfig, "data": DataConfig, "optimizer": OptimizerSection,
-             "schedule": ScheduleConfig, "checkpoint": CheckpointSection, "logging": LoggingSection}
+_SECTIONS = {
+    "model": ModelSection,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerSection,
+    "schedule": ScheduleConfig,
+    "checkpoint": CheckpointSection,
+    "logging": LoggingSection,
+}
 _ALIASES = {flag: alias for flag, alias in PARALLEL_FLAGS.values()}
 BASE_KEY = "base"
 
@@ -193,12 +218,18 @@ def _section_from_dict(kind: type, values: dict[str, Any], where: str) -> Any:
         fixed = {f.name: f.metadata["set_by"] for f in dataclasses.fields(kind) if "set_by" in f.metadata}
         not_here = {name: fixed[name] for name in unknown if name in fixed}
         if not_here:
-            raise ConfigError(f"{where}: {sorted(not_here)} are set by the {'/'.join(sorted(set(not_here.values())))}, "
-                              "not in a YAML; remove them")
+            raise ConfigError(
+                f"{where}: {sorted(not_here)} are set by the {'/'.join(sorted(set(not_here.values())))}, "
+                "not in a YAML; remove them"
+            )
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(settable)}")
     types = typing.get_type_hints(kind)
-    built = {name: _section_from_dict(types[name], value, f"{where}.{name}")
-             if dataclasses.is_dataclass(types[name]) else value for name, value in values.items()}
+    built = {
+        name: _section_from_dict(types[name], value, f"{where}.{name}")
+        if dataclasses.is_dataclass(types[name])
+        else value
+        for name, value in values.items()
+    }
     try:
         return kind(**built)
     except ConfigError as error:
@@ -209,8 +240,9 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> TrainConfig:
     unknown = sorted(set(raw) - set(_SECTIONS) - {"bf16", "seed"})
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {sorted(_SECTIONS) + ['bf16', 'seed']}")
-    sections = {name: _section_from_dict(kind, raw.get(name) or {}, f"{where}: {name}")
-                for name, kind in _SECTIONS.items()}
+    sections = {
+        name: _section_from_dict(kind, raw.get(name) or {}, f"{where}: {name}") for name, kind in _SECTIONS.items()
+    }
     return TrainConfig(**sections, bf16=raw.get("bf16", False), seed=raw.get("seed", 1234))
 
 
@@ -245,9 +277,15 @@ def read_yaml(path: str, _including: tuple[str, ...] = ()) -> dict[str, Any]:
     folder = os.path.dirname(path)
     data = raw.get("data")
     if isinstance(data, dict):
-        raw = {**raw, "data": {key: os.path.join(folder, value)
-                               if key in ("mixture", "tokenizer", "media_root") and value and not os.path.isabs(value)
-                               else value for key, value in data.items()}}
+        raw = {
+            **raw,
+            "data": {
+                key: os.path.join(folder, value)
+                if key in ("mixture", "tokenizer", "media_root") and value and not os.path.isabs(value)
+                else value
+                for key, value in data.items()
+            },
+        }
     base = raw.pop(BASE_KEY, None)
     if base is None:
         return raw

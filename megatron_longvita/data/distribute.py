@@ -14,7 +14,8 @@ every broadcast has its partners; an exhausted source sends an end marker.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,14 +25,18 @@ _END = None  # header of the end marker
 
 
 def _header(batch: dict[str, Any]) -> dict[str, tuple]:
-    return {key: ("tensor", tuple(value.shape), value.dtype) if isinstance(value, Tensor) else ("value", value)
-            for key, value in batch.items()}
+    return {
+        key: ("tensor", tuple(value.shape), value.dtype) if isinstance(value, Tensor) else ("value", value)
+        for key, value in batch.items()
+    }
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Tensors moved and made contiguous (a collective sends a tensor's storage as laid out)."""
-    return {key: value.to(device, non_blocking=True).contiguous() if isinstance(value, Tensor) else value
-            for key, value in batch.items()}
+    return {
+        key: value.to(device, non_blocking=True).contiguous() if isinstance(value, Tensor) else value
+        for key, value in batch.items()
+    }
 
 
 class BroadcastLoader:

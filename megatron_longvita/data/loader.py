@@ -18,8 +18,9 @@ import itertools
 import logging
 import os
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -143,8 +144,10 @@ class PackedDataLoader:
 
     def __init__(self, config: DataConfig, tokenizer: ChatTokenizer | None = None) -> None:
         if not config.mixture or (tokenizer is None and not config.tokenizer):
-            raise ConfigError("set the data mixture (data.mixture / --data-path) and the tokenizer "
-                              "(data.tokenizer / --tokenizer-model)")
+            raise ConfigError(
+                "set the data mixture (data.mixture / --data-path) and the tokenizer "
+                "(data.tokenizer / --tokenizer-model)"
+            )
         self.config = config
         self.tokenizer = tokenizer or ChatTokenizer.from_dir(config.tokenizer)
         PACKING_LAYOUTS.get(config.packing)  # fail at construction on an unknown name

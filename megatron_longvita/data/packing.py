@@ -12,7 +12,7 @@ samples share a row, ``PACKING_LAYOUTS`` decide how a row is laid out for attent
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -110,4 +110,3 @@ def build_micro_batch(
         "cu_seqlens": cu_seqlens,
         "pixel_values": pixel_values,
     }
-

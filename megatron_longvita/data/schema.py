@@ -14,8 +14,9 @@ import bisect
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Union
+from typing import Any, Protocol, Union
 
 from megatron_longvita.config.tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from megatron_longvita.registry import Registry
@@ -135,8 +136,9 @@ def llava_to_record_layout(raw: Any, location: str) -> dict:
             if isinstance(message["content"], str) and not texts_hold_video:
                 message["content"] = message["content"].replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
     for placeholder, media in ((IMAGE_PLACEHOLDER, images), (VIDEO_PLACEHOLDER, videos)):
-        if media and not any(placeholder in message["content"] for message in messages
-                             if isinstance(message["content"], str)):
+        if media and not any(
+            placeholder in message["content"] for message in messages if isinstance(message["content"], str)
+        ):
             first_user = next((m for m in messages if ROLE_ALIASES.get(m["role"]) == "user"), None)
             if first_user is not None and isinstance(first_user["content"], str):
                 first_user["content"] = f"{placeholder}\n" * len(media) + first_user["content"]

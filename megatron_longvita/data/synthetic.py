@@ -43,8 +43,9 @@ def draw_shape(path: str, colour: str, shape: str, size: int, rng: np.random.Gen
     elif shape == "square":
         draw.rectangle(box, fill=COLOURS[colour])
     else:
-        draw.polygon([(left + extent // 2, top), (left, top + extent), (left + extent, top + extent)],
-                     fill=COLOURS[colour])
+        draw.polygon(
+            [(left + extent // 2, top), (left, top + extent), (left + extent, top + extent)], fill=COLOURS[colour]
+        )
     image.save(path)
     return path
 
@@ -77,19 +78,33 @@ def train_tokenizer(texts: list[str], directory: str, image_token_id: int) -> st
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=base_vocab, special_tokens=[PAD_TOKEN, *CHATML_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=base_vocab,
+            special_tokens=[PAD_TOKEN, *CHATML_TOKENS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     if tokenizer.get_vocab_size() != base_vocab:
-        raise ValueError(f"the corpus text yields {tokenizer.get_vocab_size()} BPE tokens, not {base_vocab}: "
-                         "add text or lower image_token_id")
+        raise ValueError(
+            f"the corpus text yields {tokenizer.get_vocab_size()} BPE tokens, not {base_vocab}: "
+            "add text or lower image_token_id"
+        )
     os.makedirs(directory, exist_ok=True)
     tokenizer.save(os.path.join(directory, "tokenizer.json"))
     return directory
 
 
-def make_corpus(root: str, image_token_id: int, image_size: int = 56, num_images: int = 240,
-                num_videos: int = 8, num_test: int = 4, seed: int = 0) -> SyntheticCorpus:
+def make_corpus(
+    root: str,
+    image_token_id: int,
+    image_size: int = 56,
+    num_images: int = 240,
+    num_videos: int = 8,
+    num_test: int = 4,
+    seed: int = 0,
+) -> SyntheticCorpus:
     root = os.path.abspath(root)  # the mixture resolves relative paths against its own folder
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, "media"), exist_ok=True)
@@ -106,8 +121,9 @@ def make_corpus(root: str, image_token_id: int, image_size: int = 56, num_images
             draw_video(os.path.join(root, media["videos"][0]), colour, shape, image_size, 3, rng)
             prompt = "<video>\nWhat moves in the video?"
         reply = answer(colour, shape)
-        records.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
-                        **media})
+        records.append(
+            {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}], **media}
+        )
         texts += [prompt, reply]
     test_images = []
     for index in range(num_test):
@@ -121,6 +137,7 @@ def make_corpus(root: str, image_token_id: int, image_size: int = 56, num_images
     with open(mixture, "w") as handle:
         yaml.safe_dump({"dataset": {"shapes": {"ratio": 1.0, "data_paths": [data], "media_root": root}}}, handle)
     words = " ".join(list(COLOURS) + list(SHAPES) + ["A", "moves", "video", "image", "picture"])
-    tokenizer_dir = train_tokenizer(texts + [words] * 20 + ["user assistant system\n"] * 20,
-                                    os.path.join(root, "tokenizer"), image_token_id)
+    tokenizer_dir = train_tokenizer(
+        texts + [words] * 20 + ["user assistant system\n"] * 20, os.path.join(root, "tokenizer"), image_token_id
+    )
     return SyntheticCorpus(mixture, tokenizer_dir, test_images)

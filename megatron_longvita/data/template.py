@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
@@ -41,7 +41,7 @@ class ChatTokenizer:
         self.newline_ids = self.encode("\n")
 
     @classmethod
-    def from_dir(cls, directory: str) -> "ChatTokenizer":
+    def from_dir(cls, directory: str) -> ChatTokenizer:
         path = os.path.join(directory, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{directory} is not a Hugging Face tokenizer directory (no tokenizer.json)")

@@ -3,7 +3,7 @@ tiles, as the Long-VITA preprocessing does them (docs/design.md, "Tiling and fra
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 Grid = tuple[int, int]  # (cols, rows)
 
 
-@lru_cache(maxsize=None)
+@cache
 def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[Grid, ...]:
     """All (cols, rows) with min_tiles <= cols * rows <= max_tiles, smallest area first."""
     grids = [

@@ -15,6 +15,19 @@ from megatron_longvita.inference.rope import ROPE_SCALING_KINDS, RopeScaling
 from megatron_longvita.inference.sampling import Sampler, SamplingConfig
 from megatron_longvita.parallel.cache import KVCache, LayerKV
 
-__all__ = ["DECODE_MODES", "Generation", "GenerationConfig", "GenerationRequest", "InferenceEngine", "KVCache",
-           "LayerKV", "Timing", "load_engine", "load_for_inference", "ROPE_SCALING_KINDS", "RopeScaling", "Sampler",
-           "SamplingConfig"]
+__all__ = [
+    "DECODE_MODES",
+    "Generation",
+    "GenerationConfig",
+    "GenerationRequest",
+    "InferenceEngine",
+    "KVCache",
+    "LayerKV",
+    "Timing",
+    "load_engine",
+    "load_for_inference",
+    "ROPE_SCALING_KINDS",
+    "RopeScaling",
+    "Sampler",
+    "SamplingConfig",
+]

@@ -24,8 +24,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -104,19 +105,28 @@ def load_for_inference(load_dir: str, parallel: ParallelConfig, **options) -> tu
     return chunks, config.decoder.vocab_size
 
 
-def load_engine(load_dir: str, parallel: ParallelConfig, rope_scaling: Optional[RopeScaling] = None,
-                platform: Optional[Platform] = None) -> "InferenceEngine":
+def load_engine(
+    load_dir: str,
+    parallel: ParallelConfig,
+    rope_scaling: Optional[RopeScaling] = None,
+    platform: Optional[Platform] = None,
+) -> InferenceEngine:
     """The engine on a checkpoint, at TP x CP or TP x PP (megatron's parallel state already
     initialised); ``platform``: default the detected one."""
     if parallel.sequence_parallel or parallel.virtual_pipeline_model_parallel_size is not None:
-        raise ConfigError("the inference engine runs without --sequence-parallel (decode steps are one token "
-                          "long) and without --virtual-pipeline-model-parallel-size")
+        raise ConfigError(
+            "the inference engine runs without --sequence-parallel (decode steps are one token "
+            "long) and without --virtual-pipeline-model-parallel-size"
+        )
     if parallel.pipeline_model_parallel_size > 1 and (parallel.context_parallel_size > 1 or rope_scaling):
-        raise ConfigError("with --pipeline-model-parallel-size > 1 the engine runs fixed-length decoding at "
-                          "TP x PP only: use --pipeline-model-parallel-size 1 for --context-parallel-size and "
-                          "--rope-scaling")
-    [model], vocab_size = load_for_inference(load_dir, parallel, purpose=INFERENCE, head=HeadConfig(),
-                                             platform=platform)
+        raise ConfigError(
+            "with --pipeline-model-parallel-size > 1 the engine runs fixed-length decoding at "
+            "TP x PP only: use --pipeline-model-parallel-size 1 for --context-parallel-size and "
+            "--rope-scaling"
+        )
+    [model], vocab_size = load_for_inference(
+        load_dir, parallel, purpose=INFERENCE, head=HeadConfig(), platform=platform
+    )
     return InferenceEngine(model, vocab_size, rope_scaling)
 
 
@@ -130,8 +140,11 @@ class InferenceEngine:
         self.attention = [m for m in model.modules() if isinstance(m, CachedRingAttention)]
         self.pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
         if not self.attention or not (self.pipelined or (model.pre_process and model.post_process)):
-            raise ConfigError("the engine needs this rank's model (the whole model without PP) built for "
-                              "purpose='inference' (cached ring attention) and with a head (HeadConfig); see load_engine")
+            raise ConfigError(
+                "the engine needs this rank's model (the whole model without PP) built for "
+                "purpose='inference' (cached ring attention) and with a head (HeadConfig); "
+                "see load_engine"
+            )
         self.cp_group = parallel_state.get_context_parallel_group()
         self.cp_size, self.cp_rank = self.cp_group.size(), self.cp_group.rank()
         self.device = next(model.parameters()).device
@@ -139,21 +152,32 @@ class InferenceEngine:
         self.placeholder_ids = torch.tensor(model.model_config.context_token_ids, device=self.device)
         if rope_scaling is not None:
             decoder = model.model_config.decoder
-            apply_rope_scaling(self.gpt.rotary_pos_emb, self.attention, rope_scaling, decoder.rotary_base,
-                               decoder.max_position_embeddings)
+            apply_rope_scaling(
+                self.gpt.rotary_pos_emb,
+                self.attention,
+                rope_scaling,
+                decoder.rotary_base,
+                decoder.max_position_embeddings,
+            )
         self.timing = Timing()
 
-    def generate(self, prompts: Sequence[GenerationRequest], config: GenerationConfig = GenerationConfig(),
-                 on_tokens: Optional[Callable[[list[Optional[int]]], None]] = None) -> list[Generation]:
+    def generate(
+        self,
+        prompts: Sequence[GenerationRequest],
+        config: GenerationConfig = GenerationConfig(),
+        on_tokens: Optional[Callable[[list[Optional[int]]], None]] = None,
+    ) -> list[Generation]:
         """Generate for a batch of prompts; ``on_tokens`` gets each step's new id per row (None
         once a row has stopped), for streaming."""
         if not prompts or min(len(p.tokens) for p in prompts) == 0:
             raise ValueError("generate needs at least one prompt, each with at least one token")
         if self.pipelined and config.decode_mode != "fixed-length":
-            raise ConfigError("with --pipeline-model-parallel-size > 1 the engine decodes fixed-length only: use "
-                              "--decode-mode fixed-length (the KV cache needs the whole model on each rank)")
+            raise ConfigError(
+                "with --pipeline-model-parallel-size > 1 the engine decodes fixed-length only: use "
+                "--decode-mode fixed-length (the KV cache needs the whole model on each rank)"
+            )
         sampler = Sampler(config.sampling)
-        decoding = (self._cached_decoding if config.decode_mode == "cached" else self._fixed_length_decoding)
+        decoding = self._cached_decoding if config.decode_mode == "cached" else self._fixed_length_decoding
         self.timing = Timing()
         generated: list[list[int]] = [[] for _ in prompts]
         with torch.inference_mode():
@@ -188,12 +212,13 @@ class InferenceEngine:
         # order) and a sampler seeded alike, so all ranks choose the same ids with no collective.
         return sampler(logits.index_fill(-1, self.placeholder_ids, -torch.inf))
 
-    def _batch(self, prompts: Sequence[GenerationRequest], length: int,
-               pad_id: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    def _batch(
+        self, prompts: Sequence[GenerationRequest], length: int, pad_id: int
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """Tokens [b, length] padded at the end, prompt lengths [b], all tiles in batch order."""
         tokens = torch.full((len(prompts), length), pad_id, dtype=torch.long)
         for row, prompt in zip(tokens, prompts):
-            row[:len(prompt.tokens)] = torch.tensor(prompt.tokens)
+            row[: len(prompt.tokens)] = torch.tensor(prompt.tokens)
         tiles = [p.pixel_values for p in prompts if p.pixel_values is not None]
         pixel_values = torch.cat(tiles).to(self.device) if tiles else None
         lengths = torch.tensor([len(p.tokens) for p in prompts])
@@ -209,21 +234,32 @@ class InferenceEngine:
         logits = self.model(tokens, positions, None, pixel_values=pixel_values, logits_index=lengths - 1)
         return gather_logits(logits[:, 0], self.vocab_size).float()
 
-    def _pipeline_forward(self, tokens: Tensor, positions: Tensor, lengths: Tensor,
-                          pixel_values: Optional[Tensor]) -> Tensor:
+    def _pipeline_forward(
+        self, tokens: Tensor, positions: Tensor, lengths: Tensor, pixel_values: Optional[Tensor]
+    ) -> Tensor:
         """The forward through megatron's pipeline schedule (one micro-batch); every stage gets the logits."""
+
         def forward_step(data_iterator, model):
             next(data_iterator)  # the batch is the closure's
             return model(tokens, positions, None, pixel_values=pixel_values, logits_index=lengths - 1), None
 
-        outputs = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]),
-                                              model=[self.model], num_microbatches=1, seq_length=tokens.shape[1],
-                                              micro_batch_size=tokens.shape[0], forward_only=True)
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter([None]),
+            model=[self.model],
+            num_microbatches=1,
+            seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0],
+            forward_only=True,
+        )
         logits = torch.empty(tokens.shape[0], self.vocab_size, dtype=torch.float32, device=self.device)
         if parallel_state.is_pipeline_last_stage():
             logits = gather_logits(outputs[0][:, 0], self.vocab_size).float()
-        dist.broadcast(logits, parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
+        dist.broadcast(
+            logits,
+            parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
         return logits
 
     def _cached_decoding(self, prompts: Sequence[GenerationRequest], config: GenerationConfig):
@@ -231,8 +267,10 @@ class InferenceEngine:
         length = _round_up(max(len(p.tokens) for p in prompts), 2 * self.cp_size)
         tokens, lengths, pixel_values = self._batch(prompts, length, config.pad_token_id)
         local_positions = zigzag_positions(length, self.cp_size, self.cp_rank, self.device)
-        cache = KVCache(capacity=length // self.cp_size + math.ceil(config.max_new_tokens / self.cp_size),
-                        lengths=(local_positions[None, :] < lengths[:, None]).sum(1).tolist())
+        cache = KVCache(
+            capacity=length // self.cp_size + math.ceil(config.max_new_tokens / self.cp_size),
+            lengths=(local_positions[None, :] < lengths[:, None]).sum(1).tolist(),
+        )
         bind_cache(self.attention, cache)
         logits = self._forward(tokens, lengths, pixel_values)
         cache.decoding = True
@@ -249,8 +287,9 @@ class InferenceEngine:
     def _decode(self, ids: Tensor, positions: Tensor, angles: Tensor) -> Tensor:
         """One token per row at ``positions`` [b] through embedding, decoder and output layer."""
         hidden = self.gpt.embedding(input_ids=ids[:, None], position_ids=positions[:, None])  # [1, b, h]
-        hidden = self.gpt.decoder(hidden_states=hidden, attention_mask=None,
-                                  rotary_pos_emb=angles[positions][None, :, None, :])
+        hidden = self.gpt.decoder(
+            hidden_states=hidden, attention_mask=None, rotary_pos_emb=angles[positions][None, :, None, :]
+        )
         weight = self.gpt.shared_embedding_or_output_weight() if self.gpt.share_embeddings_and_output_weights else None
         logits, _ = self.gpt.output_layer(hidden, weight=weight)
         return gather_logits(logits[0], self.vocab_size).float()

@@ -10,8 +10,9 @@ static NTK-aware rule base' = base * factor^(d / (d - 2)).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -38,7 +39,7 @@ class RopeScaling:
         exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
         if self.kind == "ntk":
             return 1.0 / (base * self.factor ** (dim / (dim - 2))) ** exponents
-        inv_freq = 1.0 / base ** exponents
+        inv_freq = 1.0 / base**exponents
         if self.kind == "linear":
             return inv_freq / self.factor
         original = self.original_max_position_embeddings or max_position_embeddings
@@ -57,14 +58,19 @@ class RopeScaling:
         return 0.1 * math.log(self.factor) + 1.0 if self.kind == "yarn" else 1.0
 
 
-def apply_rope_scaling(rotary: RotaryEmbedding, attention_modules: Iterable, scaling: RopeScaling, base: float,
-                       max_position_embeddings: int) -> None:
+def apply_rope_scaling(
+    rotary: RotaryEmbedding,
+    attention_modules: Iterable,
+    scaling: RopeScaling,
+    base: float,
+    max_position_embeddings: int,
+) -> None:
     """Rescale a freshly built model's RoPE. Call before its first forward: megatron caches
     ``RotaryEmbedding.forward`` results per length."""
     dim = rotary.inv_freq.shape[0] * 2
     rotary.inv_freq = scaling.inv_freq(base, dim, max_position_embeddings).to(rotary.inv_freq.device)
     for module in attention_modules:
-        module.softmax_scale *= scaling.attention_factor ** 2
+        module.softmax_scale *= scaling.attention_factor**2
 
 
 def rotary_table(rotary: RotaryEmbedding, length: int) -> Tensor:

@@ -17,8 +17,10 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1; got "
-                             f"{self.temperature}, {self.top_k}, {self.top_p}")
+            raise ValueError(
+                f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1; got "
+                f"{self.temperature}, {self.top_k}, {self.top_p}"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -42,9 +42,14 @@ class DecoderConfig:
         multiple = math.lcm(self.make_vocab_size_divisible_by, tensor_model_parallel_size)
         return -(-self.vocab_size // multiple) * multiple
 
-    def transformer_config(self, parallel: ParallelConfig, params_dtype: torch.dtype = torch.float32,
-                           recompute_num_layers: int = 0, platform: Optional[Platform] = None,
-                           **overrides) -> TransformerConfig:
+    def transformer_config(
+        self,
+        parallel: ParallelConfig,
+        params_dtype: torch.dtype = torch.float32,
+        recompute_num_layers: int = 0,
+        platform: Optional[Platform] = None,
+        **overrides,
+    ) -> TransformerConfig:
         """``platform``: default the detected one."""
         return TransformerConfig(
             num_layers=self.num_layers,
@@ -70,10 +75,16 @@ class DecoderConfig:
         )
 
 
-def build_decoder(config: DecoderConfig, transformer_config: TransformerConfig, pre_process: bool = True,
-                  post_process: bool = True, vp_stage: Optional[int] = None,
-                  layer_spec: Optional[str] = None, head: Optional[HeadConfig] = None,
-                  platform: Optional[Platform] = None) -> GPTModel:
+def build_decoder(
+    config: DecoderConfig,
+    transformer_config: TransformerConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+    layer_spec: Optional[str] = None,
+    head: Optional[HeadConfig] = None,
+    platform: Optional[Platform] = None,
+) -> GPTModel:
     """megatron's GPTModel; with ``head``, a HeadedGPTModel whose last stage uses those output heads.
 
     ``layer_spec``: an LLM layer spec (default: models.specs.select_layer_spec's training

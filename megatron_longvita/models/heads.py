@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -127,11 +128,13 @@ def chunked_loss(hidden: Tensor, labels: Tensor, vocab: VocabProjection, chunk_s
     """
     if chunk_size is None or hidden.shape[0] <= chunk_size:
         return vocab.loss(hidden, labels)
-    return torch.cat([
-        # no randomness in the head: skip the RNG-state stashing
-        checkpoint(vocab.loss, hidden_chunk, label_chunk, use_reentrant=False, preserve_rng_state=False)
-        for hidden_chunk, label_chunk in zip(hidden.split(chunk_size), labels.split(chunk_size))
-    ])
+    return torch.cat(
+        [
+            # no randomness in the head: skip the RNG-state stashing
+            checkpoint(vocab.loss, hidden_chunk, label_chunk, use_reentrant=False, preserve_rng_state=False)
+            for hidden_chunk, label_chunk in zip(hidden.split(chunk_size), labels.split(chunk_size))
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -188,13 +191,24 @@ class HeadedGPTModel(GPTModel):
         finally:
             self._logits_index = None
 
-    def _postprocess(self, hidden_states: Tensor, labels: Optional[Tensor] = None,
-                     loss_mask: Optional[Tensor] = None, runtime_gather_output: Optional[bool] = None,
-                     inference_context=None, **kwargs) -> Tensor:
+    def _postprocess(
+        self,
+        hidden_states: Tensor,
+        labels: Optional[Tensor] = None,
+        loss_mask: Optional[Tensor] = None,
+        runtime_gather_output: Optional[bool] = None,
+        inference_context=None,
+        **kwargs,
+    ) -> Tensor:
         if not self.post_process or inference_context is not None or (labels is None and self._logits_index is None):
-            return super()._postprocess(hidden_states=hidden_states, labels=labels, loss_mask=loss_mask,
-                                        runtime_gather_output=runtime_gather_output,
-                                        inference_context=inference_context, **kwargs)
+            return super()._postprocess(
+                hidden_states=hidden_states,
+                labels=labels,
+                loss_mask=loss_mask,
+                runtime_gather_output=runtime_gather_output,
+                inference_context=inference_context,
+                **kwargs,
+            )
         hidden = self._full_sequence(hidden_states)
         seq, batch, _ = hidden.shape
         tokens = hidden.reshape(seq * batch, -1)  # token-major: row = position * batch + sample
@@ -220,9 +234,14 @@ class HeadedGPTModel(GPTModel):
         layer = self.output_layer
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else layer.weight
         project = functools.partial(
-            linear_with_grad_accumulation_and_async_allreduce, weight=weight, bias=layer.bias,
+            linear_with_grad_accumulation_and_async_allreduce,
+            weight=weight,
+            bias=layer.bias,
             gradient_accumulation_fusion=layer.gradient_accumulation_fusion,
-            allreduce_dgrad=self.tp_group.size() > 1, sequence_parallel=False, tp_group=self.tp_group)
+            allreduce_dgrad=self.tp_group.size() > 1,
+            sequence_parallel=False,
+            tp_group=self.tp_group,
+        )
 
         def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
             # megatron's loss ([b, s] labels, [s, b, V] logits) on a batch of one
@@ -230,14 +249,16 @@ class HeadedGPTModel(GPTModel):
 
         return VocabProjection(project, cross_entropy)
 
-    def _next_token_logits(self, tokens: Tensor, seq: int, batch: int, vocab: VocabProjection,
-                           gather: bool) -> Tensor:
+    def _next_token_logits(self, tokens: Tensor, seq: int, batch: int, vocab: VocabProjection, gather: bool) -> Tensor:
         cp_size, cp_rank = self.cp_group.size(), self.cp_group.rank()
         index = self._logits_index.to(tokens.device).expand(batch)
         if ((index < 0) | (index >= seq * cp_size)).any():
             raise ValueError(f"logits_index {index.tolist()} outside the sequence of {seq * cp_size} positions")
-        positions = zigzag_positions(seq * cp_size, cp_size, cp_rank, tokens.device) if cp_size > 1 \
+        positions = (
+            zigzag_positions(seq * cp_size, cp_size, cp_rank, tokens.device)
+            if cp_size > 1
             else torch.arange(seq, device=tokens.device)
+        )
         here = positions[None, :] == index[:, None]  # [b, s_local]: at most one True per row
         held = here.any(dim=1).nonzero().squeeze(1)
         rows = here[held].int().argmax(dim=1) * batch + held

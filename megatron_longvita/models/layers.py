@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from megatron.core.transformer import TransformerConfig
@@ -31,8 +31,9 @@ class LayerScaleTransformerLayer(TransformerLayer):
     (InternViT), through TransformerLayer's bias-dropout-add slots (upstream contract
     "transformer-layer-bias-dropout-add")."""
 
-    def __init__(self, config: TransformerConfig, submodules, layer_number: int = 1,
-                 layer_scale_init: float = 1.0, **kwargs) -> None:
+    def __init__(
+        self, config: TransformerConfig, submodules, layer_number: int = 1, layer_scale_init: float = 1.0, **kwargs
+    ) -> None:
         require(LAYER_SCALE_BDA.name)
         super().__init__(config, submodules, layer_number, **kwargs)
         self.ls1 = torch.nn.Parameter(torch.full((config.hidden_size,), layer_scale_init, dtype=config.params_dtype))

@@ -8,7 +8,8 @@ first virtual stage) and run before any context-parallel split, whole on each CP
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,13 @@ ModelProvider = Callable[[bool, bool, Optional[int]], MegatronModule]
 MODEL_PROVIDERS: Registry = Registry("model provider")
 
 
-def scatter_vision_embeddings(embeddings: torch.Tensor, features: torch.Tensor, placeholders: torch.Tensor,
-                              sequence_parallel: bool, cp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+def scatter_vision_embeddings(
+    embeddings: torch.Tensor,
+    features: torch.Tensor,
+    placeholders: torch.Tensor,
+    sequence_parallel: bool,
+    cp_group: Optional[dist.ProcessGroup] = None,
+) -> torch.Tensor:
     """Replace placeholder positions of the text embeddings by vision tokens, in order.
 
     embeddings: [s, b, h], or this TP rank's [s/tp, b, h] slice under sequence parallelism.
@@ -48,8 +54,10 @@ def scatter_vision_embeddings(embeddings: torch.Tensor, features: torch.Tensor, 
     full = placeholders if cp_group is None else zigzag_gather(placeholders.int(), 1, cp_group).bool()
     count = int(full.sum())
     if count != features.shape[0]:
-        raise ValueError(f"the prompt has {count} vision placeholder tokens but the tiles give {features.shape[0]} "
-                         f"vision embeddings; expand each tile to exactly tokens_per_tile placeholders")
+        raise ValueError(
+            f"the prompt has {count} vision placeholder tokens but the tiles give {features.shape[0]} "
+            f"vision embeddings; expand each tile to exactly tokens_per_tile placeholders"
+        )
     if count == 0:
         return embeddings
     index = (full.flatten().cumsum(0) - 1).clamp(min=0).view_as(full)
@@ -64,11 +72,19 @@ def scatter_vision_embeddings(embeddings: torch.Tensor, features: torch.Tensor, 
 
 
 class LongVitaModel(MegatronModule):
-    def __init__(self, config: ModelConfig, language_config: TransformerConfig,
-                 vision_config: Optional[TransformerConfig], pre_process: bool = True, post_process: bool = True,
-                 vp_stage: Optional[int] = None, layer_spec: Optional[str] = None,
-                 vision_layer_spec: Optional[str] = None, head: Optional[HeadConfig] = None,
-                 platform: Optional[Platform] = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        language_config: TransformerConfig,
+        vision_config: Optional[TransformerConfig],
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: Optional[int] = None,
+        layer_spec: Optional[str] = None,
+        vision_layer_spec: Optional[str] = None,
+        head: Optional[HeadConfig] = None,
+        platform: Optional[Platform] = None,
+    ) -> None:
         super().__init__(language_config)
         platform = platform or current_platform()
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules look up
@@ -80,8 +96,9 @@ class LongVitaModel(MegatronModule):
         if pre_process:
             self.vision = InternViT(config.vision, vision_config, vision_layer_spec, platform)
             self.projector = Projector(config.projector, config.vision.hidden_size, language_config)
-        self.language_model = build_decoder(config.decoder, language_config, pre_process, post_process, vp_stage,
-                                            layer_spec, head, platform)
+        self.language_model = build_decoder(
+            config.decoder, language_config, pre_process, post_process, vp_stage, layer_spec, head, platform
+        )
         self.share_embeddings_and_output_weights = config.decoder.tie_embeddings
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -97,12 +114,12 @@ class LongVitaModel(MegatronModule):
             for param in part.parameters() if part is not None else ():
                 param.requires_grad_(not frozen)
 
-    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-              pixel_values: Optional[torch.Tensor]) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         """Text embeddings with the projected tiles scattered into the context placeholders."""
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
-        placeholders = torch.isin(input_ids, torch.tensor(self.model_config.context_token_ids,
-                                                          device=input_ids.device))
+        placeholders = torch.isin(input_ids, torch.tensor(self.model_config.context_token_ids, device=input_ids.device))
         if pixel_values is None:
             features = embeddings.new_zeros(0, embeddings.shape[-1])
         else:
@@ -110,21 +127,39 @@ class LongVitaModel(MegatronModule):
         cp_group = parallel_state.get_context_parallel_group() if self.config.context_parallel_size > 1 else None
         return scatter_vision_embeddings(embeddings, features, placeholders, self.config.sequence_parallel, cp_group)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                **kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        pixel_values: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """Logits [b, s, vocab/tp] (or per-token loss with labels) on the last stage, hidden states elsewhere."""
         decoder_input = self.embed(input_ids, position_ids, pixel_values) if self.pre_process else None
-        return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
-                                   labels=labels, **kwargs)
+        return self.language_model(
+            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs
+        )
 
 
-def build_long_vita(config: ModelConfig, parallel: ParallelConfig, pre_process: bool = True,
-                    post_process: bool = True, vp_stage: Optional[int] = None, *,
-                    params_dtype: torch.dtype = torch.float32, recompute_language_layers: int = 0,
-                    recompute_vision_layers: int = 0, platform: Optional[Platform] = None,
-                    purpose: str = TRAIN, packed_documents: bool = False, layer_spec: Optional[str] = None,
-                    vision_layer_spec: Optional[str] = None, head: Optional[HeadConfig] = None) -> LongVitaModel:
+def build_long_vita(
+    config: ModelConfig,
+    parallel: ParallelConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    recompute_language_layers: int = 0,
+    recompute_vision_layers: int = 0,
+    platform: Optional[Platform] = None,
+    purpose: str = TRAIN,
+    packed_documents: bool = False,
+    layer_spec: Optional[str] = None,
+    vision_layer_spec: Optional[str] = None,
+    head: Optional[HeadConfig] = None,
+) -> LongVitaModel:
     """One model chunk. Needs megatron's parallel state (initialize_distributed) already set up.
 
     ``platform``: default the detected one (its patch set is the entry point's business, as
@@ -133,14 +168,32 @@ def build_long_vita(config: ModelConfig, parallel: ParallelConfig, pre_process: 
     named by ``layer_spec`` / ``vision_layer_spec``.
     """
     platform = platform or current_platform()
-    layer_spec = layer_spec or select_layer_spec(LLM, platform, context_parallel_size=parallel.context_parallel_size,
-                                                 packed_documents=packed_documents, purpose=purpose)
+    layer_spec = layer_spec or select_layer_spec(
+        LLM,
+        platform,
+        context_parallel_size=parallel.context_parallel_size,
+        packed_documents=packed_documents,
+        purpose=purpose,
+    )
     vision_layer_spec = vision_layer_spec or select_layer_spec(VISION, platform, purpose=purpose)
     language_config = config.decoder.transformer_config(parallel, params_dtype, recompute_language_layers, platform)
-    vision_config = (config.vision.transformer_config(parallel, params_dtype, recompute_vision_layers, platform)
-                     if pre_process else None)
-    return LongVitaModel(config, language_config, vision_config, pre_process, post_process, vp_stage, layer_spec,
-                         vision_layer_spec, head, platform)
+    vision_config = (
+        config.vision.transformer_config(parallel, params_dtype, recompute_vision_layers, platform)
+        if pre_process
+        else None
+    )
+    return LongVitaModel(
+        config,
+        language_config,
+        vision_config,
+        pre_process,
+        post_process,
+        vp_stage,
+        layer_spec,
+        vision_layer_spec,
+        head,
+        platform,
+    )
 
 
 @MODEL_PROVIDERS.register("long_vita")

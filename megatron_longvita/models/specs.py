@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from megatron.core.transformer import ModuleSpec, TransformerConfig
@@ -56,8 +57,10 @@ def _layer_spec(name: str, tower: str, *, transformer_engine: bool = False):
 def get_layer_spec(name: str, tower: str) -> LayerSpec:
     spec = LAYER_SPECS.get(name)
     if spec.tower != tower:
-        raise ValueError(f"layer spec {name!r} builds {spec.tower} layers, not {tower} layers; "
-                         f"{tower} specs: {', '.join(n for n in LAYER_SPECS if LAYER_SPECS.get(n).tower == tower)}")
+        raise ValueError(
+            f"layer spec {name!r} builds {spec.tower} layers, not {tower} layers; "
+            f"{tower} specs: {', '.join(n for n in LAYER_SPECS if LAYER_SPECS.get(n).tower == tower)}"
+        )
     return spec
 
 
@@ -76,7 +79,8 @@ def local_ring_decoder_layer_spec(config: TransformerConfig, platform: Platform)
     """The local spec with ring attention as core attention: context parallelism without TE."""
     spec = local_decoder_layer_spec(config, platform)
     spec.submodules.self_attention.submodules.core_attention = functools.partial(
-        RingDotProductAttention, kernel=platform.attention_kernel)
+        RingDotProductAttention, kernel=platform.attention_kernel
+    )
     return spec
 
 
@@ -85,7 +89,8 @@ def local_ring_cached_decoder_layer_spec(config: TransformerConfig, platform: Pl
     """Ring attention that keeps a KV cache and decodes against it: the inference engine's spec."""
     spec = local_decoder_layer_spec(config, platform)
     spec.submodules.self_attention.submodules.core_attention = functools.partial(
-        CachedRingAttention, kernel=platform.attention_kernel)
+        CachedRingAttention, kernel=platform.attention_kernel
+    )
     return spec
 
 
@@ -117,17 +122,21 @@ def local_vision_layer_spec(config: TransformerConfig, platform: Platform) -> Mo
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": _vision_mask_type(config)},
-                submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention,
-                                                   linear_proj=RowParallelLinear),
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention, linear_proj=RowParallelLinear
+                ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=TorchNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
+            mlp=ModuleSpec(
+                module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+            ),
             mlp_bda=get_bias_dropout_add,
             # Checkpoint keys as TE names them, so local and TE checkpoints interchange.
-            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                                         "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
         ),
     )
 
@@ -145,8 +154,14 @@ def te_vision_layer_spec(config: TransformerConfig, platform: Platform) -> Modul
 _logged_choices: set[tuple[str, str, str]] = set()
 
 
-def select_layer_spec(tower: str, platform: Platform, *, context_parallel_size: int = 1,
-                      packed_documents: bool = False, purpose: str = TRAIN) -> str:
+def select_layer_spec(
+    tower: str,
+    platform: Platform,
+    *,
+    context_parallel_size: int = 1,
+    packed_documents: bool = False,
+    purpose: str = TRAIN,
+) -> str:
     """The layer spec a model gets; logged once per distinct choice.
 
     - vision: TE where installed, else local (the tower is never context-split).
@@ -157,11 +172,14 @@ def select_layer_spec(tower: str, platform: Platform, *, context_parallel_size: 
       (reset packing, at CP=1 too: the local spec's attention cannot keep them apart); else local.
     """
     if tower not in (LLM, VISION) or purpose not in (TRAIN, INFERENCE):
-        raise ValueError(f"select_layer_spec: tower must be {LLM!r} or {VISION!r} and purpose {TRAIN!r} or "
-                         f"{INFERENCE!r}; got {tower!r}, {purpose!r}")
+        raise ValueError(
+            f"select_layer_spec: tower must be {LLM!r} or {VISION!r} and purpose {TRAIN!r} or "
+            f"{INFERENCE!r}; got {tower!r}, {purpose!r}"
+        )
     if tower == VISION:
-        name, why = ("vision_transformer_engine", "TE installed") if platform.transformer_engine \
-            else ("vision_local", "no TE")
+        name, why = (
+            ("vision_transformer_engine", "TE installed") if platform.transformer_engine else ("vision_local", "no TE")
+        )
     elif purpose == INFERENCE:
         name, why = "local_ring_cached", "inference engine (KV cache sharded over CP)"
     elif platform.transformer_engine:
@@ -176,12 +194,14 @@ def select_layer_spec(tower: str, platform: Platform, *, context_parallel_size: 
     return name
 
 
-def common_transformer_settings(params_dtype: torch.dtype, platform: Platform,
-                                recompute_num_layers: int = 0) -> dict[str, Any]:
+def common_transformer_settings(
+    params_dtype: torch.dtype, platform: Platform, recompute_num_layers: int = 0
+) -> dict[str, Any]:
     """TransformerConfig fields the LLM and the vision tower share: dtype, platform, recompute."""
     recompute = (
         dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=recompute_num_layers)
-        if recompute_num_layers else {}
+        if recompute_num_layers
+        else {}
     )
     return dict(
         hidden_dropout=0.0,
@@ -201,8 +221,9 @@ def common_transformer_settings(params_dtype: torch.dtype, platform: Platform,
     )
 
 
-def decoder_block_spec(config: TransformerConfig, platform: Platform, spec_name: Optional[str] = None,
-                       vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+def decoder_block_spec(
+    config: TransformerConfig, platform: Platform, spec_name: Optional[str] = None, vp_stage: Optional[int] = None
+) -> TransformerBlockSubmodules:
     """The layers this pipeline (and virtual) stage builds, plus the final norm.
 
     ``spec_name``: default the training choice of :func:`select_layer_spec` at this CP size.
@@ -216,8 +237,9 @@ def decoder_block_spec(config: TransformerConfig, platform: Platform, spec_name:
     )
 
 
-def vision_block_spec(config: TransformerConfig, platform: Platform, layer_scale_init: float,
-                      spec_name: Optional[str] = None) -> TransformerBlockSubmodules:
+def vision_block_spec(
+    config: TransformerConfig, platform: Platform, layer_scale_init: float, spec_name: Optional[str] = None
+) -> TransformerBlockSubmodules:
     """All layers (the tower is never pipeline-split), no final norm (InternViT has none)."""
     name = spec_name or select_layer_spec(VISION, platform)
     layer = get_layer_spec(name, VISION).build(config, platform)

@@ -42,8 +42,13 @@ class VisionConfig:
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
 
-    def transformer_config(self, parallel: ParallelConfig, params_dtype: torch.dtype = torch.float32,
-                           recompute_num_layers: int = 0, platform: Optional[Platform] = None) -> TransformerConfig:
+    def transformer_config(
+        self,
+        parallel: ParallelConfig,
+        params_dtype: torch.dtype = torch.float32,
+        recompute_num_layers: int = 0,
+        platform: Optional[Platform] = None,
+    ) -> TransformerConfig:
         """Same TP / SP as the LLM; no pipeline or context split (the tower lives on stage 0, whole).
         ``platform``: default the detected one."""
         return TransformerConfig(
@@ -67,17 +72,23 @@ class VisionConfig:
 class InternViT(MegatronModule):
     """pixel_values [tiles, C, H, W] -> patch features [tiles, H/p, W/p, hidden] (class token dropped)."""
 
-    def __init__(self, vision: VisionConfig, config: TransformerConfig, spec_name: Optional[str] = None,
-                 platform: Optional[Platform] = None) -> None:
+    def __init__(
+        self,
+        vision: VisionConfig,
+        config: TransformerConfig,
+        spec_name: Optional[str] = None,
+        platform: Optional[Platform] = None,
+    ) -> None:
         """``spec_name``: a vision layer spec (default: models.specs.select_layer_spec's choice);
         ``platform``: default the detected one."""
         super().__init__(config)
         self.vision = vision
         hidden, dtype = vision.hidden_size, config.params_dtype
         self.class_embedding = torch.nn.Parameter(torch.zeros(1, 1, hidden, dtype=dtype))
-        self.patch_embedding = torch.nn.Conv2d(vision.num_channels, hidden, kernel_size=vision.patch_size,
-                                               stride=vision.patch_size, dtype=dtype)
-        self.position_embedding = torch.nn.Parameter(torch.zeros(1, vision.grid_size ** 2 + 1, hidden, dtype=dtype))
+        self.patch_embedding = torch.nn.Conv2d(
+            vision.num_channels, hidden, kernel_size=vision.patch_size, stride=vision.patch_size, dtype=dtype
+        )
+        self.position_embedding = torch.nn.Parameter(torch.zeros(1, vision.grid_size**2 + 1, hidden, dtype=dtype))
         block = vision_block_spec(config, platform or current_platform(), vision.layer_scale_init, spec_name)
         self.decoder = TransformerBlock(config, block, pre_process=True, post_process=False)
 

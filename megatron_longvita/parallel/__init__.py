@@ -20,8 +20,16 @@ from megatron_longvita.parallel.zigzag import (
 )
 
 __all__ = [
-    "BLOCK_KERNELS", "BlockKernel", "Segment", "RingStep", "plan_ring", "ring_attention",
+    "BLOCK_KERNELS",
+    "BlockKernel",
+    "Segment",
+    "RingStep",
+    "plan_ring",
+    "ring_attention",
     "ContextParallelLayoutError",
     "pad_for_context_parallel",
-    "split_batch_for_context_parallel", "zigzag_gather", "zigzag_positions", "zigzag_split",
+    "split_batch_for_context_parallel",
+    "zigzag_gather",
+    "zigzag_positions",
+    "zigzag_split",
 ]

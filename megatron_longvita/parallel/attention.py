@@ -15,7 +15,8 @@ depends only on the distance between query and key, which global positions prese
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
@@ -37,15 +38,29 @@ def packed_seq_params_for_context_parallel(cu_seqlens: Tensor, total_length: int
     ``max_seqlen`` is the total length on purpose: megatron sizes its RoPE table from it
     before cutting the table into the zigzag shares.
     """
-    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                           max_seqlen_q=total_length, max_seqlen_kv=total_length)
+    return PackedSeqParams(
+        qkv_format="sbhd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=total_length,
+        max_seqlen_kv=total_length,
+    )
 
 
 class RingDotProductAttention(MegatronModule):
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
-                 attention_type: str, attention_dropout: Optional[float] = None,
-                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
-                 pg_collection=None, *, kernel: str) -> None:
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        *,
+        kernel: str,
+    ) -> None:
         require(DOT_PRODUCT_ATTENTION.name)
         super().__init__(config=config)
         if attn_mask_type != AttnMaskType.causal:
@@ -57,26 +72,43 @@ class RingDotProductAttention(MegatronModule):
             raise ValueError("ring attention supports vanilla softmax without sliding windows only")
         # apply_query_key_layer_scaling divides then re-multiplies by the layer number (an fp16
         # overflow guard): the net scale, used here in fp32, is unchanged.
-        self.softmax_scale = softmax_scale if softmax_scale is not None else config.kv_channels ** -0.5
+        self.softmax_scale = softmax_scale if softmax_scale is not None else config.kv_channels**-0.5
         self.kernel = kernel  # a BLOCK_KERNELS name: Platform.attention_kernel
         cp_group = getattr(pg_collection, "cp", None)
         self.cp_group = cp_group if cp_group is not None else parallel_state.get_context_parallel_group()
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-                attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
-                packed_seq_params: Optional[PackedSeqParams] = None) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> Tensor:
         # attention_mask is megatron's default causal mask (or None): the causal rule is built in.
         if attention_bias is not None:
             raise ValueError("ring attention does not take an attention bias")
         cu_seqlens = None
         if packed_seq_params is not None:
-            if packed_seq_params.qkv_format != "sbhd" or not torch.equal(packed_seq_params.cu_seqlens_q,
-                                                                         packed_seq_params.cu_seqlens_kv):
-                raise ValueError("ring attention takes packed documents as qkv_format='sbhd' with equal "
-                                 "cu_seqlens_q/kv (see packed_seq_params_for_context_parallel)")
+            if packed_seq_params.qkv_format != "sbhd" or not torch.equal(
+                packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
+            ):
+                raise ValueError(
+                    "ring attention takes packed documents as qkv_format='sbhd' with equal "
+                    "cu_seqlens_q/kv (see packed_seq_params_for_context_parallel)"
+                )
             cu_seqlens = packed_seq_params.cu_seqlens_q
-        out = ring_attention(query, key, value, self.cp_group, cu_seqlens=cu_seqlens,
-                             softmax_scale=self.softmax_scale, kernel=self.kernel)
+        out = ring_attention(
+            query,
+            key,
+            value,
+            self.cp_group,
+            cu_seqlens=cu_seqlens,
+            softmax_scale=self.softmax_scale,
+            kernel=self.kernel,
+        )
         return out.flatten(2)
 
 
@@ -96,9 +128,16 @@ class CachedRingAttention(RingDotProductAttention):
         self.layer_index = layer_number - 1  # global layer number; the engine runs without PP
         self.cache: Optional[KVCache] = None
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-                attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
-                packed_seq_params: Optional[PackedSeqParams] = None) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> Tensor:
         cache = self.cache
         if cache is not None and cache.decoding:
             return self._decode(query, key, value, cache)
@@ -111,8 +150,9 @@ class CachedRingAttention(RingDotProductAttention):
         if cache.appending:
             cache.append(self.layer_index, key, value)
         kv = cache.layers[self.layer_index]
-        out, lse = attend_cached(query.permute(1, 2, 0, 3), kv.key, kv.value, cache.attended_lengths(),
-                                 self.softmax_scale)
+        out, lse = attend_cached(
+            query.permute(1, 2, 0, 3), kv.key, kv.value, cache.attended_lengths(), self.softmax_scale
+        )
         out = merge_over_group(out, lse, self.cp_group)  # [b, hq, 1, d]
         return out.to(query.dtype).permute(2, 0, 1, 3).flatten(2)
 

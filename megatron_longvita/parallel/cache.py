@@ -67,4 +67,3 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(kv.key.nbytes + kv.value.nbytes for kv in self.layers.values())
-

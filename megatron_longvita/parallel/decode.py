@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -28,8 +29,9 @@ from torch import Tensor
 from megatron_longvita.parallel.kernels import lse_dtype, merge_partial_attention
 
 
-def attend_cached(query: Tensor, key: Tensor, value: Tensor, lengths: Sequence[int],
-                  scale: float) -> tuple[Tensor, Tensor]:
+def attend_cached(
+    query: Tensor, key: Tensor, value: Tensor, lengths: Sequence[int], scale: float
+) -> tuple[Tensor, Tensor]:
     """One query per row against the first ``lengths[i]`` cached keys of row i.
 
     query [b, hq, 1, d]; key/value [b, hkv, capacity, d]. Returns (out [b, hq, 1, d], lse

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +42,23 @@ class Segment:
 
 
 class BlockKernel(Protocol):
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, segments: Sequence[Segment], causal: bool,
-                scale: float) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, segments: Sequence[Segment], causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor]:
         """(out [b, hq, sq, d], lse [b, hq, sq]) of q attending to the segments of k/v."""
 
-    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                 segments: Sequence[Segment], causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        segments: Sequence[Segment],
+        causal: bool,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(dq, dk, dv) of this block, given the final ``out``/``lse`` of the ring."""
 
 
@@ -85,8 +97,9 @@ class SegmentLoopKernel:
     ``causal`` top-left aligned on a square segment).
     """
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, segments: Sequence[Segment], causal: bool,
-                scale: float) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, segments: Sequence[Segment], causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor]:
         if _covers(segments, q, k):  # the primitive's own outputs: no zero-filled copy to scatter into
             out, lse = self._attend(q, k, v, causal, scale)
             return out, lse.to(lse_dtype(q.dtype))
@@ -96,27 +109,44 @@ class SegmentLoopKernel:
         lse = torch.full(q.shape[:-1], -math.inf, dtype=lse_dtype(q.dtype), device=q.device)
         for seg in segments:
             rows, cols = slice(seg.q_start, seg.q_end), slice(seg.k_start, seg.k_end)
-            out[:, :, rows], lse[:, :, rows] = self._attend(q[:, :, rows], k[:, :, cols], v[:, :, cols],
-                                                            causal, scale)
+            out[:, :, rows], lse[:, :, rows] = self._attend(q[:, :, rows], k[:, :, cols], v[:, :, cols], causal, scale)
         return out, lse
 
-    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                 segments: Sequence[Segment], causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        segments: Sequence[Segment],
+        causal: bool,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         if _covers(segments, q, k):
             return self._attend_backward(dout, q, k, v, out, lse, causal, scale)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for seg in segments:  # documents are disjoint: every row/column is written at most once
             rows, cols = slice(seg.q_start, seg.q_end), slice(seg.k_start, seg.k_end)
             dq[:, :, rows], dk[:, :, cols], dv[:, :, cols] = self._attend_backward(
-                dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols], out[:, :, rows],
-                lse[:, :, rows], causal, scale)
+                dout[:, :, rows],
+                q[:, :, rows],
+                k[:, :, cols],
+                v[:, :, cols],
+                out[:, :, rows],
+                lse[:, :, rows],
+                causal,
+                scale,
+            )
         return dq, dk, dv
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def _attend_backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                         causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _attend_backward(
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
 
@@ -128,7 +158,8 @@ class CpuFlashKernel(SegmentLoopKernel):
 
     def _attend_backward(self, dout, q, k, v, out, lse, causal, scale):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale
+        )
 
 
 class MathKernel(SegmentLoopKernel):
@@ -144,8 +175,7 @@ class MathKernel(SegmentLoopKernel):
         scores = torch.matmul(grouped_q, k.unsqueeze(2).transpose(-1, -2).to(dtype)) * scale
         if causal:
             sq, sk = scores.shape[-2:]
-            scores = scores.masked_fill(torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1),
-                                        -math.inf)
+            scores = scores.masked_fill(torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1), -math.inf)
         return scores
 
     def _attend(self, q, k, v, causal, scale):
@@ -194,9 +224,18 @@ class FlashAttnKernel(SegmentLoopKernel):
         from flash_attn.flash_attn_interface import _flash_attn_forward
 
         out, lse, _, _ = _flash_attn_forward(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.0, softmax_scale=scale,
-            causal=causal, window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
-            return_softmax=False)
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            dropout_p=0.0,
+            softmax_scale=scale,
+            causal=causal,
+            window_size_left=-1,
+            window_size_right=-1,
+            softcap=0.0,
+            alibi_slopes=None,
+            return_softmax=False,
+        )
         return out.transpose(1, 2), lse
 
     def _attend_backward(self, dout, q, k, v, out, lse, causal, scale):
@@ -204,9 +243,19 @@ class FlashAttnKernel(SegmentLoopKernel):
 
         bshd = [t.transpose(1, 2) for t in (dout, q, k, v, out)]
         grads = [torch.empty_like(t) for t in bshd[1:4]]
-        _flash_attn_backward(*bshd, lse.contiguous(), *grads, dropout_p=0.0, softmax_scale=scale, causal=causal,
-                             window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
-                             deterministic=False)
+        _flash_attn_backward(
+            *bshd,
+            lse.contiguous(),
+            *grads,
+            dropout_p=0.0,
+            softmax_scale=scale,
+            causal=causal,
+            window_size_left=-1,
+            window_size_right=-1,
+            softcap=0.0,
+            alibi_slopes=None,
+            deterministic=False,
+        )
         return tuple(g.transpose(1, 2) for g in grads)
 
 
@@ -214,8 +263,10 @@ def _torch_npu() -> ModuleType:
     try:
         import torch_npu
     except ImportError as error:
-        raise ImportError("the npu_fusion_attention block kernel needs torch_npu (Ascend's PyTorch adapter); "
-                          "install it, or pick another kernel (ring_attention(kernel=...))") from error
+        raise ImportError(
+            "the npu_fusion_attention block kernel needs torch_npu (Ascend's PyTorch adapter); "
+            "install it, or pick another kernel (ring_attention(kernel=...))"
+        ) from error
     return torch_npu
 
 
@@ -249,16 +300,33 @@ class NpuFusionAttentionKernel(SegmentLoopKernel):
 
     def _attend(self, q, k, v, causal, scale):
         out, softmax_max, softmax_sum, *_ = _torch_npu().npu_fusion_attention(
-            q.contiguous(), k.contiguous(), v.contiguous(), q.shape[1], "BNSD", scale=scale, keep_prob=1.0,
-            **self._sparse_args(q, k, causal))
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            q.shape[1],
+            "BNSD",
+            scale=scale,
+            keep_prob=1.0,
+            **self._sparse_args(q, k, causal),
+        )
         return out, softmax_max[..., 0] + softmax_sum[..., 0].log()
 
     def _attend_backward(self, dout, q, k, v, out, lse, causal, scale):
         softmax_max = lse.unsqueeze(-1).expand(*lse.shape, 8).contiguous()
         dq, dk, dv, *_ = _torch_npu().npu_fusion_attention_grad(
-            q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous(), q.shape[1], "BNSD",
-            softmax_max=softmax_max, softmax_sum=torch.ones_like(softmax_max), attention_in=out.contiguous(),
-            scale_value=scale, keep_prob=1.0, **self._sparse_args(q, k, causal))
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            dout.contiguous(),
+            q.shape[1],
+            "BNSD",
+            softmax_max=softmax_max,
+            softmax_sum=torch.ones_like(softmax_max),
+            attention_in=out.contiguous(),
+            scale_value=scale,
+            keep_prob=1.0,
+            **self._sparse_args(q, k, causal),
+        )
         return dq, dk, dv
 
 

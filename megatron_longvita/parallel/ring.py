@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -45,8 +46,9 @@ def _document_runs(documents: Tensor, start: int, stop: int) -> dict[int, tuple[
     return {doc: (end - count, end) for doc, count, end in zip(ids.tolist(), counts.tolist(), ends)}
 
 
-def _document_segments(rows: tuple[int, int], cols: tuple[int, int], q_documents: Tensor,
-                       k_documents: Tensor) -> tuple[Segment, ...]:
+def _document_segments(
+    rows: tuple[int, int], cols: tuple[int, int], q_documents: Tensor, k_documents: Tensor
+) -> tuple[Segment, ...]:
     """One segment per document present among both the query rows and the key columns."""
     q_runs, k_runs = _document_runs(q_documents, *rows), _document_runs(k_documents, *cols)
     return tuple(Segment(*q_runs[doc], *k_runs[doc]) for doc in q_runs if doc in k_runs)
@@ -58,15 +60,19 @@ def _document_ids(cu_seqlens: tuple[int, ...], total_length: int, cp_size: int) 
     if not cu_seqlens or cu_seqlens[0] != 0 or decreasing or cu_seqlens[-1] > total_length:
         raise ContextParallelLayoutError(
             f"cu_seqlens must start at 0, not decrease and end at most at the sequence length "
-            f"{total_length}; got {list(cu_seqlens)}")
+            f"{total_length}; got {list(cu_seqlens)}"
+        )
     boundaries = torch.tensor(cu_seqlens[1:])
-    return [torch.bucketize(zigzag_positions(total_length, cp_size, rank), boundaries, right=True)
-            for rank in range(cp_size)]
+    return [
+        torch.bucketize(zigzag_positions(total_length, cp_size, rank), boundaries, right=True)
+        for rank in range(cp_size)
+    ]
 
 
 @functools.lru_cache(maxsize=64)
-def plan_ring(cp_size: int, cp_rank: int, local_length: int,
-              cu_seqlens: Optional[tuple[int, ...]] = None) -> tuple[RingStep, ...]:
+def plan_ring(
+    cp_size: int, cp_rank: int, local_length: int, cu_seqlens: Optional[tuple[int, ...]] = None
+) -> tuple[RingStep, ...]:
     """The block work of each ring step for one rank; ``cu_seqlens`` are global boundaries."""
     half = local_length // 2
     documents = _document_ids(cu_seqlens, local_length * cp_size, cp_size) if cu_seqlens is not None else None
@@ -79,8 +85,11 @@ def plan_ring(cp_size: int, cp_rank: int, local_length: int,
             rows, cols = (0, local_length), (0, half)
         else:
             rows, cols = (half, local_length), (0, local_length)
-        segments = ((Segment(*rows, *cols),) if documents is None
-                    else _document_segments(rows, cols, documents[cp_rank], documents[source]))
+        segments = (
+            (Segment(*rows, *cols),)
+            if documents is None
+            else _document_segments(rows, cols, documents[cp_rank], documents[source])
+        )
         steps.append(RingStep(source, source == cp_rank, segments))
     return tuple(steps)
 
@@ -98,8 +107,10 @@ class RingExchange:
     def start(self, send: Sequence[Tensor], recv: Sequence[Tensor]) -> None:
         ops = []
         for i, (outgoing, incoming) in enumerate(zip(send, recv, strict=True)):
-            ops += [dist.P2POp(dist.isend, outgoing, self._next, self._group, self._tag + i),
-                    dist.P2POp(dist.irecv, incoming, self._prev, self._group, self._tag + i)]
+            ops += [
+                dist.P2POp(dist.isend, outgoing, self._next, self._group, self._tag + i),
+                dist.P2POp(dist.irecv, incoming, self._prev, self._group, self._tag + i),
+            ]
         self._requests = dist.batch_isend_irecv(ops)
 
     def wait(self) -> None:
@@ -117,8 +128,9 @@ def _box(step: RingStep) -> tuple[slice, slice, tuple[Segment, ...]]:
     """
     row0, row1 = min(seg.q_start for seg in step.segments), max(seg.q_end for seg in step.segments)
     col0, col1 = min(seg.k_start for seg in step.segments), max(seg.k_end for seg in step.segments)
-    local = tuple(Segment(seg.q_start - row0, seg.q_end - row0, seg.k_start - col0, seg.k_end - col0)
-                  for seg in step.segments)
+    local = tuple(
+        Segment(seg.q_start - row0, seg.q_end - row0, seg.k_start - col0, seg.k_end - col0) for seg in step.segments
+    )
     return slice(row0, row1), slice(col0, col1), local
 
 
@@ -167,8 +179,15 @@ class _KeyValueRing:
             self._current, self._incoming = self._incoming, None
 
 
-def _ring_forward(q: Tensor, k: Tensor, v: Tensor, steps: Sequence[RingStep], group: Optional[dist.ProcessGroup],
-                  kernel: BlockKernel, scale: float) -> tuple[Tensor, Tensor]:
+def _ring_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    steps: Sequence[RingStep],
+    group: Optional[dist.ProcessGroup],
+    kernel: BlockKernel,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
     """q [b, hq, s, d], k/v [s, b, hkv, d] -> out [b, hq, s, d] (lse dtype) and lse [b, hq, s]."""
     ring = _KeyValueRing(k, v, len(steps), group)
     out = lse = None
@@ -176,8 +195,9 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, steps: Sequence[RingStep], gr
         block_k, block_v = ring.block(i)
         if step.segments:
             rows, cols, segments = _box(step)
-            block_out, block_lse = kernel.forward(q[:, :, rows], _bhsd(block_k)[:, :, cols],
-                                                  _bhsd(block_v)[:, :, cols], segments, step.causal, scale)
+            block_out, block_lse = kernel.forward(
+                q[:, :, rows], _bhsd(block_k)[:, :, cols], _bhsd(block_v)[:, :, cols], segments, step.causal, scale
+            )
             if out is None:  # step 0 is the diagonal block: every query sees itself, so lse is finite
                 out, lse = block_out.to(block_lse.dtype), block_lse
             else:
@@ -186,9 +206,18 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, steps: Sequence[RingStep], gr
     return out, lse
 
 
-def _ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   steps: Sequence[RingStep], group: Optional[dist.ProcessGroup], kernel: BlockKernel,
-                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _ring_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    steps: Sequence[RingStep],
+    group: Optional[dist.ProcessGroup],
+    kernel: BlockKernel,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """dq [b, hq, s, d] and dk, dv [s, b, hkv, d], in the lse dtype under CP (the kernel's at CP=1).
 
     The dK/dV accumulator of a block travels with it: it starts as the diagonal step's block
@@ -203,8 +232,16 @@ def _ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         if step.segments:
             rows, cols, segments = _box(step)
             dq_block, dk_block, dv_block = kernel.backward(
-                dout[:, :, rows], q[:, :, rows], _bhsd(block_k)[:, :, cols], _bhsd(block_v)[:, :, cols],
-                out[:, :, rows], lse[:, :, rows], segments, step.causal, scale)
+                dout[:, :, rows],
+                q[:, :, rows],
+                _bhsd(block_k)[:, :, cols],
+                _bhsd(block_v)[:, :, cols],
+                out[:, :, rows],
+                lse[:, :, rows],
+                segments,
+                step.causal,
+                scale,
+            )
         if i == 0:  # the diagonal block: rows and columns cover the whole block
             dq = dq_block.to(lse.dtype) if dkv_exchange else dq_block
             dkv = (_sbhd(dk_block), _sbhd(dv_block))
@@ -231,8 +268,16 @@ def _ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, steps: tuple[RingStep, ...],
-                group: Optional[dist.ProcessGroup], kernel: BlockKernel, scale: float) -> Tensor:
+    def forward(
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        steps: tuple[RingStep, ...],
+        group: Optional[dist.ProcessGroup],
+        kernel: BlockKernel,
+        scale: float,
+    ) -> Tensor:
         """q [b, hq, s, d], k/v [s, b, hkv, d]; the inputs are saved as they are (no copies)."""
         out, lse = _ring_forward(q, k, v, steps, group, kernel, scale)
         out = out.to(q.dtype)
@@ -247,9 +292,16 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def ring_attention(query: Tensor, key: Tensor, value: Tensor, group: Optional[dist.ProcessGroup] = None, *,
-                   kernel: str, cu_seqlens: Optional[Tensor | Sequence[int]] = None,
-                   softmax_scale: Optional[float] = None) -> Tensor:
+def ring_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    kernel: str,
+    cu_seqlens: Optional[Tensor | Sequence[int]] = None,
+    softmax_scale: Optional[float] = None,
+) -> Tensor:
     """Causal attention of zigzag-split q/k/v over the CP ``group`` (None: no CP).
 
     query [s, b, hq, d], key/value [s, b, hkv, d] with hq a multiple of hkv, s = this rank's
@@ -261,12 +313,16 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, group: Optional[di
     cp_rank = dist.get_rank(group) if group is not None else 0
     length, batch, q_heads, head_dim = query.shape
     if key.shape != value.shape or key.shape[:2] != (length, batch) or q_heads % key.shape[2]:
-        raise ValueError(f"ring attention needs key/value [s, b, hkv, d] with hq divisible by hkv and the "
-                         f"query's s, b; got query {tuple(query.shape)}, key {tuple(key.shape)}, "
-                         f"value {tuple(value.shape)}")
+        raise ValueError(
+            f"ring attention needs key/value [s, b, hkv, d] with hq divisible by hkv and the "
+            f"query's s, b; got query {tuple(query.shape)}, key {tuple(key.shape)}, "
+            f"value {tuple(value.shape)}"
+        )
     if length % 2:
-        raise ContextParallelLayoutError(f"local sequence length {length} is odd: a zigzag share is two equal "
-                                         "chunks (split with zigzag_split / split_batch_for_context_parallel)")
+        raise ContextParallelLayoutError(
+            f"local sequence length {length} is odd: a zigzag share is two equal "
+            "chunks (split with zigzag_split / split_batch_for_context_parallel)"
+        )
     documents = None
     if cu_seqlens is not None:
         if batch != 1:

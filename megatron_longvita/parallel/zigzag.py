@@ -9,7 +9,8 @@ rank keeps the full list and ring attention derives each rank's documents from i
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,8 @@ def _check_divisible(length: int, cp_size: int) -> None:
     if length % (2 * cp_size):
         raise ContextParallelLayoutError(
             f"sequence length {length} is not divisible by 2 x context-parallel size = {2 * cp_size}; "
-            f"pad it first (pad_for_context_parallel) or choose a seq_length that is a multiple of {2 * cp_size}")
+            f"pad it first (pad_for_context_parallel) or choose a seq_length that is a multiple of {2 * cp_size}"
+        )
 
 
 def zigzag_chunks(cp_size: int, cp_rank: int) -> tuple[int, int]:
@@ -65,8 +67,9 @@ def zigzag_gather(local: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
     return torch.cat(chunks, dim=dim)
 
 
-def pad_for_context_parallel(batch: Mapping[str, Optional[Tensor]], cp_size: int,
-                             pad_token_id: int = 0) -> dict[str, Optional[Tensor]]:
+def pad_for_context_parallel(
+    batch: Mapping[str, Optional[Tensor]], cp_size: int, pad_token_id: int = 0
+) -> dict[str, Optional[Tensor]]:
     """Pad the sequence keys of a [b, s] micro-batch to a multiple of 2*cp_size.
 
     Padding carries no loss (loss_mask 0); position ids continue past the last token. With
@@ -94,14 +97,16 @@ def pad_for_context_parallel(batch: Mapping[str, Optional[Tensor]], cp_size: int
     return padded
 
 
-def split_batch_for_context_parallel(batch: Mapping[str, Optional[Tensor]], cp_size: int, cp_rank: int,
-                                     pad_token_id: int = 0) -> dict[str, Optional[Tensor]]:
+def split_batch_for_context_parallel(
+    batch: Mapping[str, Optional[Tensor]], cp_size: int, cp_rank: int, pad_token_id: int = 0
+) -> dict[str, Optional[Tensor]]:
     """Pad, then keep this rank's zigzag share of tokens, labels, loss_mask, position_ids.
 
     Labels are already shifted per sample (docs/design.md, "Packing"), so cutting them with
     the tokens loses no target at chunk borders. ``cu_seqlens`` (global, padded) is kept whole.
     """
     padded = pad_for_context_parallel(batch, cp_size, pad_token_id)
-    return {key: zigzag_split(value, 1, cp_size, cp_rank) if key in SEQUENCE_KEYS and value is not None else value
-            for key, value in padded.items()}
-
+    return {
+        key: zigzag_split(value, 1, cp_size, cp_rank) if key in SEQUENCE_KEYS and value is not None else value
+        for key, value in padded.items()
+    }

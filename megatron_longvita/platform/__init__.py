@@ -16,8 +16,14 @@ import logging
 
 from megatron_longvita.patches import apply_platform_patches
 from megatron_longvita.patches.contracts import check_contracts
-from megatron_longvita.platform.detect import (PLATFORM_ENV, PLATFORMS, Platform, current_platform,
-                                               describe_platform, detect_platform)
+from megatron_longvita.platform.detect import (
+    PLATFORM_ENV,
+    PLATFORMS,
+    Platform,
+    current_platform,
+    describe_platform,
+    detect_platform,
+)
 from megatron_longvita.platform.distributed import destroy_distributed, initialize_distributed
 
 logger = logging.getLogger(__name__)
@@ -30,11 +36,25 @@ def setup_platform() -> Platform:
     platform = current_platform()
     check_contracts()
     applied = apply_platform_patches(platform.name)
-    logger.info("platform %s: backend %s, attention %s, TE %s, %d patch(es) applied",
-                platform.name, platform.backend, platform.attention_kernel,
-                platform.transformer_engine, len(applied))
+    logger.info(
+        "platform %s: backend %s, attention %s, TE %s, %d patch(es) applied",
+        platform.name,
+        platform.backend,
+        platform.attention_kernel,
+        platform.transformer_engine,
+        len(applied),
+    )
     return platform
 
 
-__all__ = ["PLATFORM_ENV", "PLATFORMS", "Platform", "current_platform", "describe_platform", "detect_platform",
-           "setup_platform", "initialize_distributed", "destroy_distributed"]
+__all__ = [
+    "PLATFORM_ENV",
+    "PLATFORMS",
+    "Platform",
+    "current_platform",
+    "describe_platform",
+    "detect_platform",
+    "setup_platform",
+    "initialize_distributed",
+    "destroy_distributed",
+]

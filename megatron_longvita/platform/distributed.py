@@ -20,13 +20,16 @@ logger = logging.getLogger(__name__)
 def _require_patches(platform: Platform) -> None:
     """Fail fast, before megatron reaches CUDA-only code, when no entry point applied the patches."""
     if not is_applied(platform.name):
-        raise RuntimeError(f"platform {platform.name}: its patch set is not applied; call "
-                           "megatron_longvita.platform.setup_platform() once at the entry point, before "
-                           "initialize_distributed")
+        raise RuntimeError(
+            f"platform {platform.name}: its patch set is not applied; call "
+            "megatron_longvita.platform.setup_platform() once at the entry point, before "
+            "initialize_distributed"
+        )
 
 
-def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30, *,
-                           platform: Optional[Platform] = None) -> None:
+def initialize_distributed(
+    parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30, *, platform: Optional[Platform] = None
+) -> None:
     """Initialise the default process group (torchrun env vars) and megatron's groups.
 
     ``platform``: default the detected one. Its patch set must already be applied
@@ -56,9 +59,15 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_m
         distributed_timeout_minutes=timeout_minutes,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-    logger.info("rank %d/%d: TP %d PP %d CP %d DP %d", dist.get_rank(), dist.get_world_size(),
-                parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                parallel.context_parallel_size, parallel_state.get_data_parallel_world_size())
+    logger.info(
+        "rank %d/%d: TP %d PP %d CP %d DP %d",
+        dist.get_rank(),
+        dist.get_world_size(),
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        parallel.context_parallel_size,
+        parallel_state.get_data_parallel_world_size(),
+    )
 
 
 def destroy_distributed() -> None:

@@ -38,15 +38,23 @@ def build_model_chunks(provider: ModelProvider) -> list[MegatronModule]:
     ]
 
 
-def build_scheduler(schedule: ScheduleConfig, optimizer: MegatronOptimizer,
-                    config: OptimizerConfig) -> OptimizerParamScheduler:
+def build_scheduler(
+    schedule: ScheduleConfig, optimizer: MegatronOptimizer, config: OptimizerConfig
+) -> OptimizerParamScheduler:
     """megatron's scheduler for ``schedule``; peak and final LR come from the optimizer config
     (megatron keeps them per param group)."""
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.min_lr,
+        optimizer,
+        init_lr=0.0,
+        max_lr=config.lr,
+        min_lr=config.min_lr,
         lr_warmup_steps=int(schedule.lr_warmup_fraction * schedule.train_iters),
-        lr_decay_steps=schedule.train_iters, lr_decay_style=schedule.lr_decay_style,
-        start_wd=0.0, end_wd=0.0, wd_incr_steps=schedule.train_iters, wd_incr_style="constant",
+        lr_decay_steps=schedule.train_iters,
+        lr_decay_style=schedule.lr_decay_style,
+        start_wd=0.0,
+        end_wd=0.0,
+        wd_incr_steps=schedule.train_iters,
+        wd_incr_style="constant",
     )
 
 
@@ -58,9 +66,13 @@ class TrainState:
     scheduler: Optional[OptimizerParamScheduler] = None
 
 
-def setup_training(chunks: list[MegatronModule], optimizer_config: OptimizerConfig,
-                   overlap_grad_reduce: bool = False, schedule: Optional[ScheduleConfig] = None,
-                   config_overrides: Optional[dict[ParamKey, dict]] = None) -> TrainState:
+def setup_training(
+    chunks: list[MegatronModule],
+    optimizer_config: OptimizerConfig,
+    overlap_grad_reduce: bool = False,
+    schedule: Optional[ScheduleConfig] = None,
+    config_overrides: Optional[dict[ParamKey, dict]] = None,
+) -> TrainState:
     """Wrap chunks in megatron DDP, build the optimizer and wire the schedule hooks."""
     config = chunks[0].config
     # The loss is the per-token mean over the whole global batch (all micro-batches, DP and
@@ -97,9 +109,12 @@ def setup_training(chunks: list[MegatronModule], optimizer_config: OptimizerConf
 
 def is_logging_rank() -> bool:
     """The one rank that reports the loss: last pipeline stage, first of its TP, DP and CP groups."""
-    return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-            and parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0)
+    return (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
+    )
 
 
 def masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -116,8 +131,14 @@ class StepResult:
     update_successful: bool
 
 
-def train_step(state: TrainState, forward_step: Callable, data_iterator: Iterator | list[Iterator],
-               num_microbatches: int, seq_length: int, micro_batch_size: int) -> StepResult:
+def train_step(
+    state: TrainState,
+    forward_step: Callable,
+    data_iterator: Iterator | list[Iterator],
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> StepResult:
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()

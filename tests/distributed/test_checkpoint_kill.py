@@ -16,12 +16,34 @@ STEPS, INTERVAL = 8, 4
 
 
 def _launch(checkpoint_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "LONGVITA_PLATFORM": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "LONGVITA_PLATFORM": "cpu",
+        "OMP_NUM_THREADS": "1",
+    }
     return subprocess.Popen(
-        [sys.executable, "-m", "megatron_longvita.training.synthetic", "--steps", str(STEPS),
-         "--checkpoint-dir", str(checkpoint_dir), "--save-interval", str(INTERVAL)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "megatron_longvita.training.synthetic",
+            "--steps",
+            str(STEPS),
+            "--checkpoint-dir",
+            str(checkpoint_dir),
+            "--save-interval",
+            str(INTERVAL),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path: Path) -> None:

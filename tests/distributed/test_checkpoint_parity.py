@@ -67,8 +67,10 @@ def test_tp2_logits_equal_tp1(tmp_path) -> None:
 
 def test_reshard_tp2_and_pp2_to_single_rank_is_exact(tmp_path) -> None:
     [(_, reference)] = run_distributed(initial_checkpoint, 1, str(tmp_path / "init"))
-    for name, parallel in (("tp2", ParallelConfig(tensor_model_parallel_size=2)),
-                           ("pp2", ParallelConfig(pipeline_model_parallel_size=2))):
+    for name, parallel in (
+        ("tp2", ParallelConfig(tensor_model_parallel_size=2)),
+        ("pp2", ParallelConfig(pipeline_model_parallel_size=2)),
+    ):
         for weights in run_distributed(reshard_to_single, 2, str(tmp_path / "init"), str(tmp_path / name), parallel):
             assert weights.keys() == reference.keys()
             for key, value in reference.items():

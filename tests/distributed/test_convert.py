@@ -1,5 +1,6 @@
-"""hf2mcore / mcore2hf: bit-exact round trips (both HF formats, also through a TP=2 x PP=2
-checkpoint) and errors that name the offending tensor."""
+"""hf2mcore / mcore2hf on transformers' InternVL: bit-exact round trips (also through a TP=2 x PP=2
+checkpoint), a complete exported directory, and errors that name the offending tensor.
+The released Long-VITA layout and the qwen2 + InternViT start: test_checkpoint_formats.py."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def reshard(load_dir: str, save_dir: str, parallel: ParallelConfig) -> None:
     chunks, _ = load_for_inference(load_dir, parallel)
     save_model(chunks, save_dir)
     if torch.distributed.get_rank() == 0:
-        save_model_config(save_dir, *load_model_config(load_dir))
+        save_model_config(save_dir, *load_model_config(load_dir), tokenizer=f"{load_dir}/tokenizer")
 
 
 def conversion_errors(cases: dict[str, str], work: str) -> dict[str, str]:
@@ -69,22 +70,31 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(hf_dir):
-    """internvl -> mcore -> {internvl, TP2xPP2 -> internvl, longvita -> mcore -> longvita}."""
+    """internvl -> mcore -> {internvl, TP2xPP2 -> internvl}; a longvita export is refused (biased projector)."""
     root = hf_dir.parent
-    run_distributed(convert, 1, ["hf2mcore", "--hf-dir", str(hf_dir), "--save-dir", str(root / "mcore"),
-                                 "--tp", "2", "--pp", "2"])
-    run_distributed(reshard, 4, str(root / "mcore"), str(root / "tp2pp2"),
-                    ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2))
+    run_distributed(
+        convert, 1, ["hf2mcore", "--hf-dir", str(hf_dir), "--save-dir", str(root / "mcore"), "--tp", "2", "--pp", "2"]
+    )
+    run_distributed(
+        reshard,
+        4,
+        str(root / "mcore"),
+        str(root / "tp2pp2"),
+        ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
+    )
     run_distributed(
         convert,
         1,
         ["mcore2hf", "--load-dir", str(root / "mcore"), "--save-dir", str(root / "internvl"), "--format", "internvl"],
-        ["mcore2hf", "--load-dir", str(root / "tp2pp2"), "--save-dir", str(root / "internvl_tp2pp2"),
-         "--format", "internvl"],
-        ["mcore2hf", "--load-dir", str(root / "mcore"), "--save-dir", str(root / "longvita"), "--format", "longvita"],
-        ["hf2mcore", "--hf-dir", str(root / "longvita"), "--save-dir", str(root / "mcore_lv")],
-        ["mcore2hf", "--load-dir", str(root / "mcore_lv"), "--save-dir", str(root / "longvita_again"),
-         "--format", "longvita"],
+        [
+            "mcore2hf",
+            "--load-dir",
+            str(root / "tp2pp2"),
+            "--save-dir",
+            str(root / "internvl_tp2pp2"),
+            "--format",
+            "internvl",
+        ],
     )
     return root
 
@@ -99,38 +109,42 @@ def test_internvl_round_trip_is_bit_exact_also_through_tp2_pp2(hf_dir, exported)
     assert written.text_config.num_key_value_heads == 2 and written.vision_config.layer_scale_init_value == 0.1
 
 
-def test_longvita_round_trip_is_bit_exact(exported) -> None:
-    longvita = tensors(exported / "longvita")
-    assert "model.vision_model.encoder.layers.1.attn.qkv.weight" in longvita  # docs/design.md, "Checkpoint names"
-    assert "model.vision_projection.mlp.2.weight" in longvita and "lm_head.weight" in longvita
-    assert_identical(tensors(exported / "longvita_again"), longvita)
+def test_export_is_a_complete_hf_directory(exported) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = exported / "internvl"
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    } <= {p.name for p in out.iterdir()}
+    config = AutoConfig.from_pretrained(str(out))
+    assert config.image_token_id == 280 and config.text_config.rope_parameters["rope_theta"] == 1e6
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["text_config"]["rope_theta"] == 1e6 and raw["text_config"]["max_position_embeddings"] == 512
+    assert raw["torch_dtype"] == raw["dtype"] == "float32"
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>") == 280
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
 
 
-def test_qwen2_llm_with_separate_internvit(exported, tmp_path) -> None:
-    """Stage-1 start: a text-only Qwen2 checkpoint + an InternViT checkpoint; new projector."""
-    longvita = tensors(exported / "longvita")
-    config = json.loads((exported / "longvita" / "config.json").read_text())
-    vision_prefix = "model.vision_model."
-    parts = {
-        "qwen2": ({k: v for k, v in config.items() if k not in ("vision_config", "downsample_ratio", "image_token_id")}
-                  | {"model_type": "qwen2"},
-                  {k: v for k, v in longvita.items() if not k.startswith((vision_prefix, "model.vision_projection."))}),
-        "internvit": (config["vision_config"] | {"model_type": "intern_vit_6b"},
-                      {k.removeprefix(vision_prefix): v for k, v in longvita.items() if k.startswith(vision_prefix)}),
-    }
-    for name, (part_config, part_tensors) in parts.items():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps(part_config))
-        save_file(part_tensors, str(tmp_path / name / "model.safetensors"))
-    run_distributed(convert, 1,
-                    ["hf2mcore", "--hf-dir", str(tmp_path / "qwen2"), "--vision-hf-dir", str(tmp_path / "internvit"),
-                     "--image-token-id", "280", "--save-dir", str(tmp_path / "mcore")],
-                    ["mcore2hf", "--load-dir", str(tmp_path / "mcore"), "--save-dir", str(tmp_path / "out"),
-                     "--format", "longvita"])
-    out = tensors(tmp_path / "out")
-    assert_identical({k: v for k, v in out.items() if not k.startswith("model.vision_projection.")},
-                     {k: v for k, v in longvita.items() if not k.startswith("model.vision_projection.")})
-    assert "model.vision_projection.mlp.0.bias" not in out  # Long-VITA's bias-free projector, freshly initialised
+def export_errors(load_dir: str, save_dir: str) -> str:
+    from megatron_longvita.checkpoint.convert import ConversionError, mcore2hf
+
+    try:
+        mcore2hf(load_dir, save_dir, "longvita")
+    except ConversionError as error:
+        return str(error)
+    return "exported"
+
+
+def test_longvita_export_of_an_internvl_projector_is_refused(exported, tmp_path) -> None:
+    [message] = run_distributed(export_errors, 1, str(exported / "mcore"), str(tmp_path / "lv"))
+    assert "bias-free" in message and "bias=True" in message and "width 64" in message
 
 
 def test_bad_checkpoints_fail_naming_the_tensor(hf_dir, tmp_path) -> None:

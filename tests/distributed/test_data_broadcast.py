@@ -31,11 +31,18 @@ LAYOUTS = {  # world size, layout
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> TrainConfig:
     model = get_preset("tiny")
-    made = make_corpus(str(tmp_path_factory.mktemp("corpus")), model.image_token_id, model.image_size,
-                       num_images=12, num_videos=1, num_test=0)
+    made = make_corpus(
+        str(tmp_path_factory.mktemp("corpus")),
+        model.image_token_id,
+        model.image_size,
+        num_images=12,
+        num_videos=1,
+        num_test=0,
+    )
     config = load_yaml(str(TINY_YAML))
-    return dataclasses.replace(config, data=dataclasses.replace(
-        config.data, mixture=made.mixture, tokenizer=made.tokenizer_dir, num_workers=1))
+    return dataclasses.replace(
+        config, data=dataclasses.replace(config.data, mixture=made.mixture, tokenizer=made.tokenizer_dir, num_workers=1)
+    )
 
 
 def _rank_batches(config: TrainConfig) -> dict:
@@ -45,18 +52,30 @@ def _rank_batches(config: TrainConfig) -> dict:
     from megatron_longvita.train import build_loader, resolve_model
 
     initialize_distributed(config.parallel, seed=config.seed)
-    loader = build_loader(config, resolve_model(config, ChatTokenizer.from_dir(config.data.tokenizer)),
-                          current_platform())
+    loader = build_loader(
+        config, resolve_model(config, ChatTokenizer.from_dir(config.data.tokenizer)), current_platform()
+    )
     batches = [batch for batch, _ in zip(loader, range(BATCHES))]
-    return {"dp_rank": parallel_state.get_data_parallel_rank(), "batches": batches,
-            "has_loader": loader.loader is not None, "state": loader.state_dict()}
+    return {
+        "dp_rank": parallel_state.get_data_parallel_rank(),
+        "batches": batches,
+        "has_loader": loader.loader is not None,
+        "state": loader.state_dict(),
+    }
 
 
 def _reference_batches(config: TrainConfig, dp_rank: int, dp_size: int) -> list[dict]:
     data = config.data
-    loader = build_data_loader(dataclasses.replace(
-        data, media=data.media.with_geometry_of(get_preset("tiny")), seed=config.seed, dp_rank=dp_rank,
-        dp_size=dp_size, num_workers=0))
+    loader = build_data_loader(
+        dataclasses.replace(
+            data,
+            media=data.media.with_geometry_of(get_preset("tiny")),
+            seed=config.seed,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            num_workers=0,
+        )
+    )
     return [batch for batch, _ in zip(loader, range(BATCHES))]
 
 
@@ -81,5 +100,6 @@ def test_each_rank_gets_its_data_parallel_ranks_batches_from_one_loader_per_grou
         assert (result["state"] is None) != result["has_loader"], f"rank {rank}: data state"
         for step, (got, expected) in enumerate(zip(result["batches"], references[result["dp_rank"]], strict=True)):
             _assert_same(got, expected, f"{layout} rank {rank} batch {step}")
-    assert any(ref["pixel_values"] is not None and ref["pixel_values"].numel()
-               for refs in references.values() for ref in refs), "no batch carried media: the test proves little"
+    assert any(
+        ref["pixel_values"] is not None and ref["pixel_values"].numel() for refs in references.values() for ref in refs
+    ), "no batch carried media: the test proves little"

@@ -50,10 +50,14 @@ def _microbatches(vocab_size: int) -> list[dict[str, torch.Tensor]]:
         for row, row_spans in enumerate(spans):
             for start, end in row_spans:
                 loss_mask[row, start:end] = 1.0
-        batches.append({"tokens": torch.randint(0, vocab_size, (MICRO_BATCH, SEQ), generator=generator),
-                        "labels": torch.randint(0, vocab_size, (MICRO_BATCH, SEQ), generator=generator),
-                        "loss_mask": loss_mask,
-                        "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, -1).contiguous()})
+        batches.append(
+            {
+                "tokens": torch.randint(0, vocab_size, (MICRO_BATCH, SEQ), generator=generator),
+                "labels": torch.randint(0, vocab_size, (MICRO_BATCH, SEQ), generator=generator),
+                "loss_mask": loss_mask,
+                "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, -1).contiguous(),
+            }
+        )
     return batches
 
 
@@ -61,17 +65,28 @@ def _forward_step(data_iterator, model):
     from megatron_longvita.training.loop import masked_loss
 
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"],
-                   loss_mask=batch["loss_mask"])
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        attention_mask=None,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
     return output, functools.partial(masked_loss, batch["loss_mask"])
 
 
 def _train(chunks, batches) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    reports = get_forward_backward_func()(forward_step_func=_forward_step, data_iterator=iter(batches), model=chunks,
-                                          num_microbatches=len(batches), seq_length=SEQ,
-                                          micro_batch_size=MICRO_BATCH, forward_only=False)
+    reports = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iter(batches),
+        model=chunks,
+        num_microbatches=len(batches),
+        seq_length=SEQ,
+        micro_batch_size=MICRO_BATCH,
+        forward_only=False,
+    )
     grads = {name: p.grad.clone() for chunk in chunks for name, p in chunk.named_parameters()}
     return [report["lm loss"] for report in reports], grads
 
@@ -92,8 +107,10 @@ def _compare_layout(parallel: ParallelConfig) -> dict[str, dict[str, float]]:
     initialize_distributed(parallel)
     config = TINY_DECODER.transformer_config(parallel)
     cp_group = parallel_state.get_context_parallel_group()
-    batches = [split_batch_for_context_parallel(batch, cp_group.size(), cp_group.rank())
-               for batch in _microbatches(TINY_DECODER.vocab_size)]
+    batches = [
+        split_batch_for_context_parallel(batch, cp_group.size(), cp_group.rank())
+        for batch in _microbatches(TINY_DECODER.vocab_size)
+    ]
     last_stage = parallel_state.is_pipeline_last_stage()
 
     torch.manual_seed(5)
@@ -103,8 +120,11 @@ def _compare_layout(parallel: ParallelConfig) -> dict[str, dict[str, float]]:
     if inference:
         tokens, positions = batches[0]["tokens"], batches[0]["position_ids"]
         with torch.no_grad():
-            ref_logits = zigzag_gather(reference[0](tokens, positions, attention_mask=None), 1, cp_group) \
-                if cp_group.size() > 1 else reference[0](tokens, positions, attention_mask=None)
+            ref_logits = (
+                zigzag_gather(reference[0](tokens, positions, attention_mask=None), 1, cp_group)
+                if cp_group.size() > 1
+                else reference[0](tokens, positions, attention_mask=None)
+            )
         expected_logits = ref_logits[torch.arange(MICRO_BATCH), torch.tensor(LOGITS_INDEX)][:, None]
 
     errors = {}

@@ -31,8 +31,10 @@ SAMPLING = dict(temperature=0.9, top_k=40, top_p=0.95, seed=7)
 def engine_prompts():
     from megatron_longvita.inference import GenerationRequest
 
-    return {name: GenerationRequest(ids, None if pixels is None else torch.from_numpy(pixels))
-            for name, (ids, pixels) in prompts().items()}
+    return {
+        name: GenerationRequest(ids, None if pixels is None else torch.from_numpy(pixels))
+        for name, (ids, pixels) in prompts().items()
+    }
 
 
 def engine_results(load_dir: str, layouts: list[ParallelConfig], rope=None) -> list[dict]:
@@ -56,8 +58,9 @@ def engine_results(load_dir: str, layouts: list[ParallelConfig], rope=None) -> l
                 results.update({("batch", mode, name): (g.first_logits, g.tokens) for name, g in zip(requests, batch)})
         if rope is None:
             sampled = GenerationConfig(max_new_tokens=STEPS, sampling=SamplingConfig(**SAMPLING))
-            results.update({("sampled", name): (None, engine.generate([p], sampled)[0].tokens)
-                            for name, p in requests.items()})
+            results.update(
+                {("sampled", name): (None, engine.generate([p], sampled)[0].tokens) for name, p in requests.items()}
+            )
         per_layout.append(results)
     return per_layout
 
@@ -68,7 +71,7 @@ def _assert_matches(reference: dict, results: dict, layout: str) -> None:
             continue
         expected_logits, expected_tokens = reference[key[-1]]
         expected_tokens = comparable_tokens(expected_tokens)
-        tokens = tokens[:len(expected_tokens)]
+        tokens = tokens[: len(expected_tokens)]
         error = (logits - expected_logits).abs().max().item()
         assert error <= TOLERANCE, f"{layout} {key}: first-position logits differ by {error:.2e}"
         assert tokens == expected_tokens, f"{layout} {key}: greedy tokens {tokens} != {expected_tokens}"
@@ -104,10 +107,11 @@ def test_cp2_and_tp2_match_transformers_and_sample_alike(converted, single_rank)
 
 def test_cp4_and_tp2_cp2_match_transformers(converted, single_rank) -> None:
     root, reference = converted
-    layouts = {"CP=4": ParallelConfig(context_parallel_size=4),
-               "TP=2 x CP=2": ParallelConfig(tensor_model_parallel_size=2, context_parallel_size=2)}
-    for rank_results in run_distributed(engine_results, 4, str(root / "mcore"), list(layouts.values()),
-                                        timeout=240):
+    layouts = {
+        "CP=4": ParallelConfig(context_parallel_size=4),
+        "TP=2 x CP=2": ParallelConfig(tensor_model_parallel_size=2, context_parallel_size=2),
+    }
+    for rank_results in run_distributed(engine_results, 4, str(root / "mcore"), list(layouts.values()), timeout=240):
         for layout, results in zip(layouts, rank_results):
             _assert_matches(reference, results, layout)
             assert _sampled(results) == _sampled(single_rank), f"{layout}: seeded samples differ from CP=1"
@@ -134,7 +138,7 @@ def test_stop_token_and_round_robin_cache(converted) -> None:
     stop_id = expected[2]
     results = run_distributed(stop_and_kv_layout, 2, str(root / "mcore"), stop_id)
     for tokens, _ in results:
-        assert tokens == expected[:expected.index(stop_id) + 1]
+        assert tokens == expected[: expected.index(stop_id) + 1]
     # 14 prompt tokens padded to 16: rank 0 holds positions 0-3 and 12-13 (+ 2 pads), rank 1
     # positions 4-11; 5 new tokens take 4 decode steps, appended round-robin: 2 per rank
     assert [lengths for _, lengths in results] == [[6 + 2], [8 + 2]]
@@ -155,14 +159,19 @@ def test_rope_scaling_matches_transformers(converted, tmp_path) -> None:
     from megatron_longvita.inference import RopeScaling
 
     root, _ = converted
-    cases = {"linear": ({"rope_type": "linear", "factor": 2.0}, RopeScaling("linear", 2.0)),
-             "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
-                      RopeScaling("yarn", 4.0, original_max_position_embeddings=128))}
+    cases = {
+        "linear": ({"rope_type": "linear", "factor": 2.0}, RopeScaling("linear", 2.0)),
+        "yarn": (
+            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+            RopeScaling("yarn", 4.0, original_max_position_embeddings=128),
+        ),
+    }
     for name, (hf_rope, ours) in cases.items():
         hf_dir = with_rope_parameters(str(root / "hf"), str(tmp_path / name), {**hf_rope, "rope_theta": 1e6})
         reference = transformers_greedy(hf_dir)
-        for rank_results in run_distributed(engine_results, 2, str(root / "mcore"),
-                                            [ParallelConfig(context_parallel_size=2)], ours):
+        for rank_results in run_distributed(
+            engine_results, 2, str(root / "mcore"), [ParallelConfig(context_parallel_size=2)], ours
+        ):
             _assert_matches(reference, rank_results[0], f"{name} RoPE scaling, CP=2")
 
 
@@ -178,8 +187,11 @@ def tiny_chat_tokenizer(directory: str) -> str:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=278, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=278,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator([" ".join(rng.choice(WORDS, size=12)) + "\n" for _ in range(400)], trainer)
     tokenizer.save(os.path.join(directory, "tokenizer.json"))
     assert ChatTokenizer.from_dir(directory).context_token_ids == (280, 286, 283)
@@ -200,13 +212,28 @@ def test_cli_chat_prompt_with_image_and_video_cp2_equals_fixed_length_cp1(conver
 
     root, _ = converted
     tokenizer = tiny_chat_tokenizer(str(tmp_path))
-    common = ["--load", str(root / "mcore"), "--tokenizer", tokenizer, "--prompt", "what is shown in the video",
-              "--image", make_image(str(tmp_path / "a.png"), 90, 60), "--max-new-tokens", "6",
-              "--video", make_frame_dir(str(tmp_path / "frames"), 5), "--max-num-frames", "2"]
-    printed = run_distributed(generate_cli, 2, common + ["--cp", "2", "--stream", "--output",
-                                                         str(tmp_path / "cached.json")])
-    run_distributed(generate_cli, 1,
-                    common + ["--decode-mode", "fixed-length", "--output", str(tmp_path / "fixed.json")])
+    common = [
+        "--load",
+        str(root / "mcore"),
+        "--tokenizer",
+        tokenizer,
+        "--prompt",
+        "what is shown in the video",
+        "--image",
+        make_image(str(tmp_path / "a.png"), 90, 60),
+        "--max-new-tokens",
+        "6",
+        "--video",
+        make_frame_dir(str(tmp_path / "frames"), 5),
+        "--max-num-frames",
+        "2",
+    ]
+    printed = run_distributed(
+        generate_cli, 2, common + ["--cp", "2", "--stream", "--output", str(tmp_path / "cached.json")]
+    )
+    run_distributed(
+        generate_cli, 1, common + ["--decode-mode", "fixed-length", "--output", str(tmp_path / "fixed.json")]
+    )
     cached, fixed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cached", "fixed"))
     assert len(cached["generated_ids"]) >= 1 and cached["generated_ids"] == fixed["generated_ids"]
     assert max(abs(a - b) for a, b in zip(cached["first_logits"], fixed["first_logits"])) <= TOLERANCE

@@ -58,9 +58,15 @@ def vision_features(load_dir: str, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 # Replicated parameters of the vision tower and projector: their full gradients on every rank.
-VISION_GRADS = ("vision.class_embedding", "vision.position_embedding", "vision.patch_embedding.weight",
-                "vision.decoder.layers.0.ls1", "vision.decoder.layers.1.ls2",
-                "vision.decoder.layers.0.input_layernorm.weight", "projector.layer_norm.weight")
+VISION_GRADS = (
+    "vision.class_embedding",
+    "vision.position_embedding",
+    "vision.patch_embedding.weight",
+    "vision.decoder.layers.0.ls1",
+    "vision.decoder.layers.1.ls2",
+    "vision.decoder.layers.0.input_layernorm.weight",
+    "projector.layer_norm.weight",
+)
 
 
 def vision_gradients(load_dir: str, layouts: list[ParallelConfig]) -> list[dict[str, torch.Tensor]]:
@@ -79,8 +85,13 @@ def vision_gradients(load_dir: str, layouts: list[ParallelConfig]) -> list[dict[
     for parallel in layouts:
         initialize_distributed(parallel)
         [model], _ = load_for_inference(load_dir, parallel)
-        loss = model(tokens, torch.arange(len(ids)).unsqueeze(0), None, pixel_values=torch.from_numpy(pixels),
-                     labels=torch.roll(tokens, -1, dims=1))
+        loss = model(
+            tokens,
+            torch.arange(len(ids)).unsqueeze(0),
+            None,
+            pixel_values=torch.from_numpy(pixels),
+            labels=torch.roll(tokens, -1, dims=1),
+        )
         loss.sum().backward()
         params = dict(model.named_parameters())
         for name in VISION_GRADS:
@@ -103,7 +114,7 @@ def _assert_matches(reference, results, layout: str) -> None:
         assert error <= TOLERANCE, f"{layout}, {name} prompt: first-position logits differ by {error:.2e}"
         if tokens is not None:  # the engine never emits a vision placeholder; transformers may
             expected = comparable_tokens(expected_tokens)
-            assert tokens[:len(expected)] == expected, f"{layout}, {name} prompt: greedy tokens differ"
+            assert tokens[: len(expected)] == expected, f"{layout}, {name} prompt: greedy tokens differ"
 
 
 def test_tp1_matches_transformers(converted) -> None:
@@ -120,9 +131,11 @@ def test_position_embedding_is_interpolated_like_transformers(converted) -> None
 
 def test_tp2_sp_and_pp2_match_transformers(converted) -> None:
     root, reference = converted
-    layouts = {"TP=2": ParallelConfig(tensor_model_parallel_size=2),
-               "TP=2 + SP": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
-               "PP=2": ParallelConfig(pipeline_model_parallel_size=2)}
+    layouts = {
+        "TP=2": ParallelConfig(tensor_model_parallel_size=2),
+        "TP=2 + SP": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
+        "PP=2": ParallelConfig(pipeline_model_parallel_size=2),
+    }
     for rank_results in run_distributed(megatron_greedy, 2, str(root / "mcore"), list(layouts.values())):
         for layout, results in zip(layouts, rank_results):
             _assert_matches(reference, results, layout)
@@ -131,8 +144,10 @@ def test_tp2_sp_and_pp2_match_transformers(converted) -> None:
 def test_vision_gradients_under_tp2_and_sp_equal_tp1(converted) -> None:
     root, _ = converted
     [[reference]] = run_distributed(vision_gradients, 1, str(root / "mcore"), [ParallelConfig()])
-    layouts = [ParallelConfig(tensor_model_parallel_size=2),
-               ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)]
+    layouts = [
+        ParallelConfig(tensor_model_parallel_size=2),
+        ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
+    ]
     for rank_results in run_distributed(vision_gradients, 2, str(root / "mcore"), layouts):
         for parallel, grads in zip(layouts, rank_results):
             for name, grad in grads.items():
@@ -146,13 +161,29 @@ def test_generate_cli_at_pp2(converted, tmp_path) -> None:
     ids, pixels = prompts()["image"]
     (tmp_path / "ids.json").write_text(json.dumps(ids))
     np.save(tmp_path / "pv.npy", pixels)
-    run_distributed(generate_cli, 2, ["--load", str(root / "mcore"), "--tp", "1", "--pp", "2",
-                                      "--input-ids-file", str(tmp_path / "ids.json"),
-                                      "--pixel-values-file", str(tmp_path / "pv.npy"),
-                                      "--max-new-tokens", str(STEPS), "--greedy",
-                                      "--output", str(tmp_path / "out.json")])
+    run_distributed(
+        generate_cli,
+        2,
+        [
+            "--load",
+            str(root / "mcore"),
+            "--tp",
+            "1",
+            "--pp",
+            "2",
+            "--input-ids-file",
+            str(tmp_path / "ids.json"),
+            "--pixel-values-file",
+            str(tmp_path / "pv.npy"),
+            "--max-new-tokens",
+            str(STEPS),
+            "--greedy",
+            "--output",
+            str(tmp_path / "out.json"),
+        ],
+    )
     out = json.loads((tmp_path / "out.json").read_text())
     logits, tokens = reference["image"]
     expected = comparable_tokens(tokens)
-    assert out["generated_ids"][:len(expected)] == expected
+    assert out["generated_ids"][: len(expected)] == expected
     assert (torch.tensor(out["first_logits"]) - logits).abs().max().item() <= TOLERANCE

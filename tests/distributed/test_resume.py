@@ -42,12 +42,17 @@ def test_resume_is_bit_exact(layout: str, tmp_path) -> None:
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     init = str(tmp_path / "init")
     run_distributed(train_synthetic, 1, SyntheticRun(steps=1), initial_weights_dir=init, stop_after=0)
-    expected = _last_stage_losses(run_distributed(train_synthetic, world_size, run, load_dir=init,
-                                                  checkpoint_dir=straight, save_interval=2 * K))
-    first = _last_stage_losses(run_distributed(train_synthetic, world_size, run, load_dir=init,
-                                               checkpoint_dir=interrupted, save_interval=K, stop_after=K))
-    second = _last_stage_losses(run_distributed(train_synthetic, world_size, run, checkpoint_dir=interrupted,
-                                                save_interval=K))
+    expected = _last_stage_losses(
+        run_distributed(train_synthetic, world_size, run, load_dir=init, checkpoint_dir=straight, save_interval=2 * K)
+    )
+    first = _last_stage_losses(
+        run_distributed(
+            train_synthetic, world_size, run, load_dir=init, checkpoint_dir=interrupted, save_interval=K, stop_after=K
+        )
+    )
+    second = _last_stage_losses(
+        run_distributed(train_synthetic, world_size, run, checkpoint_dir=interrupted, save_interval=K)
+    )
     assert first + second == expected
     [reference_weights] = run_distributed(final_weights, 1, run, straight)
     [resumed_weights] = run_distributed(final_weights, 1, run, interrupted)

@@ -48,8 +48,10 @@ def _compare_case(name: str, kernel: str, group: dist.ProcessGroup) -> dict[str,
         padded = pad_for_context_parallel({"tokens": torch.zeros(1, sum(lengths)), "cu_seqlens": cu}, cp_size)
         cu_seqlens, total = padded["cu_seqlens"], padded["tokens"].shape[1]
     generator = torch.Generator().manual_seed(hash(name) % 2**31)
-    full = [torch.randn(total, batch, heads, 8, generator=generator, dtype=torch.float64).requires_grad_()
-            for heads in (q_heads, kv_heads, kv_heads)]
+    full = [
+        torch.randn(total, batch, heads, 8, generator=generator, dtype=torch.float64).requires_grad_()
+        for heads in (q_heads, kv_heads, kv_heads)
+    ]
     dout = torch.randn(total, batch, q_heads, 8, generator=generator, dtype=torch.float64)
     expected = reference_attention(*full, None if cu_seqlens is None else cu_seqlens.tolist())
     expected_grads = torch.autograd.grad(expected, full, dout)
@@ -101,10 +103,12 @@ def _layout_utilities() -> dict[str, bool]:
     group = _init_context_parallel()
     cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
     generator = torch.Generator().manual_seed(3)
-    batch = {"tokens": torch.randint(0, 100, (2, 8 * cp_size), generator=generator),
-             "labels": torch.randint(0, 100, (2, 8 * cp_size), generator=generator),
-             "loss_mask": (torch.rand(2, 8 * cp_size, generator=generator) > 0.3).float(),
-             "position_ids": torch.arange(8 * cp_size).expand(2, -1).contiguous()}
+    batch = {
+        "tokens": torch.randint(0, 100, (2, 8 * cp_size), generator=generator),
+        "labels": torch.randint(0, 100, (2, 8 * cp_size), generator=generator),
+        "loss_mask": (torch.rand(2, 8 * cp_size, generator=generator) > 0.3).float(),
+        "position_ids": torch.arange(8 * cp_size).expand(2, -1).contiguous(),
+    }
     ours = split_batch_for_context_parallel(batch, cp_size, cp_rank)
     megatrons = get_batch_on_this_cp_rank(dict(batch), group)
     per_token = torch.rand(2, 8 * cp_size, generator=generator)
@@ -124,8 +128,9 @@ def test_layout_utilities_on_four_ranks() -> None:
         assert all(checks.values()), f"rank {rank}: {checks}"
 
 
-def _decoder_logits_and_grads(model, tokens: torch.Tensor, positions: torch.Tensor, logit_weights: torch.Tensor,
-                              packed_seq_params=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _decoder_logits_and_grads(
+    model, tokens: torch.Tensor, positions: torch.Tensor, logit_weights: torch.Tensor, packed_seq_params=None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     logits = model(tokens, positions, attention_mask=None, packed_seq_params=packed_seq_params)
     (logits * logit_weights).sum().backward()
@@ -161,8 +166,9 @@ def _decoder_tp2_cp2() -> dict[str, float]:
     ref_logits, ref_grads = _decoder_logits_and_grads(local_model, tokens, positions, weights)
     ring_model = build_decoder(TINY_DECODER, TINY_DECODER.transformer_config(reference), layer_spec="local_ring")
     ring_model.load_state_dict(local_model.state_dict())
-    ref_doc_logits, _ = _decoder_logits_and_grads(ring_model, tokens[:1], positions[:1],
-                                                  weights[:1], packed_seq_params_for_context_parallel(cu_seqlens, seq))
+    ref_doc_logits, _ = _decoder_logits_and_grads(
+        ring_model, tokens[:1], positions[:1], weights[:1], packed_seq_params_for_context_parallel(cu_seqlens, seq)
+    )
     ref_params = {name: p.detach().clone() for name, p in local_model.named_parameters()}
 
     parallel = ParallelConfig(tensor_model_parallel_size=2, context_parallel_size=2)
@@ -174,16 +180,22 @@ def _decoder_tp2_cp2() -> dict[str, float]:
     same_init = all(torch.equal(p, ref_params[name]) for name, p in model.named_parameters())
     # megatron's RoPE slicing runs through the declared cpu-rope-cp-split patch (patches/cpu.py)
     logits, grads = _decoder_logits_and_grads(model, split(tokens), split(positions), split(weights))
-    doc_logits, _ = _decoder_logits_and_grads(model, split(tokens[:1]), split(positions[:1]), split(weights[:1]),
-                                              packed_seq_params_for_context_parallel(cu_seqlens, seq))
+    doc_logits, _ = _decoder_logits_and_grads(
+        model,
+        split(tokens[:1]),
+        split(positions[:1]),
+        split(weights[:1]),
+        packed_seq_params_for_context_parallel(cu_seqlens, seq),
+    )
     for grad in grads.values():  # each CP rank holds its tokens' share of every gradient
         dist.all_reduce(grad, group=cp_group)
     return {
         "same_init": float(same_init),
         "logits": (logits - split(ref_logits)).abs().max().item(),
         # fp32 sums over b x s x vocab make gradients O(10-100): compare relative to each one's scale
-        "grads": max(((grads[name] - ref_grads[name]).abs().max() / ref_grads[name].abs().max()).item()
-                     for name in ref_grads),
+        "grads": max(
+            ((grads[name] - ref_grads[name]).abs().max() / ref_grads[name].abs().max()).item() for name in ref_grads
+        ),
         "document_logits": (doc_logits - split(ref_doc_logits)).abs().max().item(),
         "documents_change_logits": (ref_doc_logits - ref_logits[:1]).abs().max().item(),
     }

@@ -28,11 +28,17 @@ LAYOUTS = {
     "tp2": (2, SyntheticRun(ParallelConfig(tensor_model_parallel_size=2), steps=STEPS)),
     "tp2-sp": (2, SyntheticRun(ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), steps=STEPS)),
     "pp2-4mb": (2, SyntheticRun(ParallelConfig(pipeline_model_parallel_size=2), steps=STEPS)),
-    "pp2-vpp2": (2, SyntheticRun(ParallelConfig(pipeline_model_parallel_size=2,
-                                                virtual_pipeline_model_parallel_size=2), steps=STEPS)),
+    "pp2-vpp2": (
+        2,
+        SyntheticRun(
+            ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2), steps=STEPS
+        ),
+    ),
     "dp2-distopt": (2, SyntheticRun(steps=STEPS, distributed_optimizer=True, overlap_grad_reduce=True)),
-    "tp2-pp2": (4, SyntheticRun(ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
-                                steps=STEPS)),
+    "tp2-pp2": (
+        4,
+        SyntheticRun(ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), steps=STEPS),
+    ),
 }
 
 
@@ -53,5 +59,6 @@ def test_layout_matches_single_rank(layout: str, reference) -> None:
     assert len(losses) == STEPS
     assert losses[-1] <= 0.5 * losses[0], f"loss did not halve: {losses[0]:.4f} -> {losses[-1]:.4f}"
     worst = max(abs(a - b) for a, b in zip(losses[:COMPARED_STEPS], reference_losses))
-    assert worst <= LOSS_TOLERANCE, (f"{layout}: max |loss - single-rank loss| = {worst:.2e} in the first "
-                                     f"{COMPARED_STEPS} steps")
+    assert worst <= LOSS_TOLERANCE, (
+        f"{layout}: max |loss - single-rank loss| = {worst:.2e} in the first {COMPARED_STEPS} steps"
+    )

@@ -9,14 +9,21 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_longvita.parallel.attention import CachedRingAttention, RingDotProductAttention
 from megatron_longvita.patches import contracts
-from megatron_longvita.patches.contracts import (CONTRACTS, DOT_PRODUCT_ATTENTION, ContractBrokenError,
-                                                 ContractVersionError, UpstreamContract, check_contract,
-                                                 parameter_names)
+from megatron_longvita.patches.contracts import (
+    CONTRACTS,
+    DOT_PRODUCT_ATTENTION,
+    ContractBrokenError,
+    ContractVersionError,
+    UpstreamContract,
+    check_contract,
+    parameter_names,
+)
 
 
 def test_every_contract_holds_on_the_installed_megatron() -> None:
-    assert {"gpt-model-postprocess", "transformer-layer-bias-dropout-add",
-            "dot-product-attention-signature"} <= set(CONTRACTS)
+    assert {"gpt-model-postprocess", "transformer-layer-bias-dropout-add", "dot-product-attention-signature"} <= set(
+        CONTRACTS
+    )
     for contract in CONTRACTS.values():
         check_contract(contract)
 
@@ -27,8 +34,9 @@ def test_ring_attention_mirrors_the_declared_dot_product_attention_signature() -
     init = declared["megatron.core.transformer.dot_product_attention.DotProductAttention.__init__"]
     forward = declared["megatron.core.transformer.dot_product_attention.DotProductAttention.forward"]
     assert parameter_names(RingDotProductAttention.__init__) == (*init, "kernel")
-    assert inspect.signature(RingDotProductAttention.__init__).parameters["kernel"].kind is \
-        inspect.Parameter.KEYWORD_ONLY
+    assert (
+        inspect.signature(RingDotProductAttention.__init__).parameters["kernel"].kind is inspect.Parameter.KEYWORD_ONLY
+    )
     assert parameter_names(RingDotProductAttention.forward) == forward
     assert parameter_names(CachedRingAttention.forward) == forward
     assert parameter_names(DotProductAttention.forward) == forward
@@ -50,17 +58,31 @@ def test_megatron_outside_the_verified_range_fails_naming_the_contract(monkeypat
 
 def test_a_changed_signature_breaks_the_contract() -> None:
     changed = UpstreamContract(
-        "test-signature", "tests", "test",
-        signatures=(("megatron.core.transformer.dot_product_attention.DotProductAttention.forward",
-                     ("self", "query", "key", "value")),))
+        "test-signature",
+        "tests",
+        "test",
+        signatures=(
+            (
+                "megatron.core.transformer.dot_product_attention.DotProductAttention.forward",
+                ("self", "query", "key", "value"),
+            ),
+        ),
+    )
     with pytest.raises(ContractBrokenError, match="test-signature.*DotProductAttention.forward takes"):
         check_contract(changed)
 
 
 def test_a_call_no_longer_made_breaks_the_contract() -> None:
     changed = UpstreamContract(
-        "test-call", "tests", "test",
-        calls=(("megatron.core.transformer.transformer_layer.TransformerLayer._forward_attention",
-                ("self.self_attn_bda(self.training, fused=True)",)),))
+        "test-call",
+        "tests",
+        "test",
+        calls=(
+            (
+                "megatron.core.transformer.transformer_layer.TransformerLayer._forward_attention",
+                ("self.self_attn_bda(self.training, fused=True)",),
+            ),
+        ),
+    )
     with pytest.raises(ContractBrokenError, match="test-call.*no longer calls"):
         check_contract(changed)

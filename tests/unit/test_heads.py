@@ -28,8 +28,10 @@ def _problem(dtype: torch.dtype = torch.float64):
 
 
 def _plain_vocab(weight: torch.Tensor) -> VocabProjection:
-    return VocabProjection(lambda hidden: F.linear(hidden, weight),
-                           lambda logits, labels: F.cross_entropy(logits, labels, reduction="none"))
+    return VocabProjection(
+        lambda hidden: F.linear(hidden, weight),
+        lambda logits, labels: F.cross_entropy(logits, labels, reduction="none"),
+    )
 
 
 def _loss_and_grads(name: str, chunk_size):
@@ -45,8 +47,9 @@ def _loss_and_grads(name: str, chunk_size):
 @pytest.mark.parametrize("name, chunk_size", [("chunked", CHUNK), ("masked", None), ("masked", 3)])
 def test_head_matches_full_head(name: str, chunk_size) -> None:
     expected = _loss_and_grads("full", None)
-    for label, got, want in zip(("per-token loss", "weight grad", "hidden grad"),
-                                _loss_and_grads(name, chunk_size), expected):
+    for label, got, want in zip(
+        ("per-token loss", "weight grad", "hidden grad"), _loss_and_grads(name, chunk_size), expected
+    ):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{name}: {label}")
 
 
@@ -61,8 +64,13 @@ def test_logits_of_selected_rows_agree() -> None:
     rows = torch.tensor([36, 0, 9, 8])  # unsorted, chunk borders, last position
     expected = F.linear(hidden, weight)[rows]
     for name in OUTPUT_HEADS:
-        torch.testing.assert_close(OUTPUT_HEADS.get(name)(CHUNK).logits(hidden, rows, _plain_vocab(weight)),
-                                   expected, rtol=0, atol=1e-12, msg=name)
+        torch.testing.assert_close(
+            OUTPUT_HEADS.get(name)(CHUNK).logits(hidden, rows, _plain_vocab(weight)),
+            expected,
+            rtol=0,
+            atol=1e-12,
+            msg=name,
+        )
 
 
 def _training_peak(name: str, tokens: int, vocab: int, chunk_size) -> int:
@@ -85,11 +93,14 @@ def test_chunked_head_bounds_peak_memory() -> None:
     assert chunked <= 4 * chunk_bytes + 2 * vocab * 16 * 4 + tokens * 16 * 8, (full, chunked)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(mode="sparse"), "unknown output head 'sparse'; registered: chunked, full, masked"),
-    (dict(mode="chunked"), "needs --lm-head-chunk-size"),
-    (dict(mode="masked", chunk_size=0), "--lm-head-chunk-size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="sparse"), "unknown output head 'sparse'; registered: chunked, full, masked"),
+        (dict(mode="chunked"), "needs --lm-head-chunk-size"),
+        (dict(mode="masked", chunk_size=0), "--lm-head-chunk-size must be >= 1"),
+    ],
+)
 def test_head_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises((ValueError, UnknownNameError), match=message):
         HeadConfig(**kwargs)

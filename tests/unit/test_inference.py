@@ -14,8 +14,11 @@ from megatron_longvita.parallel.decode import attend_cached
 
 def test_greedy_top_k_1_and_tiny_top_p_pick_the_argmax() -> None:
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
-    for config in (SamplingConfig(), SamplingConfig(temperature=2.0, top_k=1),
-                   SamplingConfig(temperature=2.0, top_p=1e-6)):
+    for config in (
+        SamplingConfig(),
+        SamplingConfig(temperature=2.0, top_k=1),
+        SamplingConfig(temperature=2.0, top_p=1e-6),
+    ):
         assert torch.equal(Sampler(config)(logits), logits.argmax(-1))
 
 

@@ -14,16 +14,19 @@ CPU = describe_platform("cpu")
 CUDA_TE = Platform("cuda", "nccl", "cuda", "flash_attn", True)
 
 
-@pytest.mark.parametrize("tower, platform, cp, packed, purpose, expected", [
-    (LLM, CPU, 1, False, TRAIN, "local"),
-    (LLM, CPU, 2, False, TRAIN, "local_ring"),
-    (LLM, CPU, 1, True, TRAIN, "local_ring"),  # reset packing keeps documents apart at CP=1 too
-    (LLM, CPU, 2, False, INFERENCE, "local_ring_cached"),
-    (LLM, CUDA_TE, 4, True, TRAIN, "transformer_engine"),
-    (LLM, CUDA_TE, 1, False, INFERENCE, "local_ring_cached"),
-    (VISION, CPU, 1, False, TRAIN, "vision_local"),
-    (VISION, CUDA_TE, 1, False, INFERENCE, "vision_transformer_engine"),
-])
+@pytest.mark.parametrize(
+    "tower, platform, cp, packed, purpose, expected",
+    [
+        (LLM, CPU, 1, False, TRAIN, "local"),
+        (LLM, CPU, 2, False, TRAIN, "local_ring"),
+        (LLM, CPU, 1, True, TRAIN, "local_ring"),  # reset packing keeps documents apart at CP=1 too
+        (LLM, CPU, 2, False, INFERENCE, "local_ring_cached"),
+        (LLM, CUDA_TE, 4, True, TRAIN, "transformer_engine"),
+        (LLM, CUDA_TE, 1, False, INFERENCE, "local_ring_cached"),
+        (VISION, CPU, 1, False, TRAIN, "vision_local"),
+        (VISION, CUDA_TE, 1, False, INFERENCE, "vision_transformer_engine"),
+    ],
+)
 def test_selection(tower, platform, cp, packed, purpose, expected) -> None:
     name = select_layer_spec(tower, platform, context_parallel_size=cp, packed_documents=packed, purpose=purpose)
     assert name == expected and get_layer_spec(name, tower).tower == tower
@@ -47,4 +50,5 @@ def test_each_choice_is_logged_once(caplog, monkeypatch) -> None:
         for _ in range(3):
             select_layer_spec(LLM, CPU, context_parallel_size=2)
     assert [r.getMessage() for r in caplog.records] == [
-        "llm layer spec for train on cpu: local_ring (no TE; CP=2, packed documents kept apart=False)"]
+        "llm layer spec for train on cpu: local_ring (no TE; CP=2, packed documents kept apart=False)"
+    ]

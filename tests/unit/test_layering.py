@@ -90,8 +90,11 @@ def _layer_name(part: str) -> str:
 
 def test_every_module_is_declared_in_a_layer() -> None:
     files, _ = _graph()
-    unknown = [f"{path.relative_to(ROOT)}: {_part(module)!r} is in no layer of megatron_longvita.LAYERS"
-               for module, path in files.items() if _part(module) and _part(module) not in LAYER_OF]
+    unknown = [
+        f"{path.relative_to(ROOT)}: {_part(module)!r} is in no layer of megatron_longvita.LAYERS"
+        for module, path in files.items()
+        if _part(module) and _part(module) not in LAYER_OF
+    ]
     assert not unknown, "\n".join(unknown)
 
 
@@ -101,8 +104,9 @@ def test_no_module_imports_a_later_layer() -> None:
     for edge in edges:
         source, target = _part(edge.source), _part(edge.target)
         if source in LAYER_OF and target in LAYER_OF and LAYER_OF[target] > LAYER_OF[source]:
-            violations.append(f"{edge.where}: {edge.source} ({_layer_name(source)}) imports {edge.target} "
-                              f"({_layer_name(target)})")
+            violations.append(
+                f"{edge.where}: {edge.source} ({_layer_name(source)}) imports {edge.target} ({_layer_name(target)})"
+            )
     assert not violations, "lower layers import higher ones:\n" + "\n".join(violations)
 
 
@@ -142,8 +146,12 @@ def test_no_import_cycles() -> None:
             visit(module)
     cycles = []
     for component in components:
-        inside = [f"  {e.where}: {e.source} imports {e.target}" for m in component for e in successors[m]
-                  if e.target in component]
+        inside = [
+            f"  {e.where}: {e.source} imports {e.target}"
+            for m in component
+            for e in successors[m]
+            if e.target in component
+        ]
         cycles.append(f"cycle among {', '.join(component)}:\n" + "\n".join(inside))
     assert not cycles, "\n".join(cycles)
 
@@ -159,8 +167,10 @@ def test_checker_sees_function_level_and_relative_imports(tmp_path: Path) -> Non
 
 def test_checkpoint_mapping_loads_no_media_decoders() -> None:
     """The conversion table must not drag in the data stack (PIL, PyAV) through the model configs."""
-    code = ("import sys, megatron_longvita.checkpoint.mapping; "
-            "print(' '.join(m for m in ('PIL', 'av') if m in sys.modules))")
+    code = (
+        "import sys, megatron_longvita.checkpoint.mapping; "
+        "print(' '.join(m for m in ('PIL', 'av') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"importing checkpoint.mapping loaded {result.stdout.strip()}"

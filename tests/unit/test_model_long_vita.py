@@ -31,22 +31,34 @@ def freeze_and_recompute() -> dict[str, object]:
 
     initialize_distributed(ParallelConfig())
     build = MODEL_PROVIDERS.get("long_vita")
-    recomputing = build(TINY, ParallelConfig(), recompute_language_layers=1,
-                        recompute_vision_layers=2)(True, True, None)
+    recomputing = build(TINY, ParallelConfig(), recompute_language_layers=1, recompute_vision_layers=2)(
+        True, True, None
+    )
     provider = build(TINY, ParallelConfig())
     model = provider(True, True, None)
     model.freeze(vision=True, language_model=True)  # stage 1: projector only
     ids = torch.tensor([[1, 2] + [TINY.image_token_id] * TINY.tokens_per_tile + [3, 4]])
-    loss = model(ids, torch.arange(ids.shape[1]).unsqueeze(0), None, pixel_values=torch.randn(1, 3, 56, 56),
-                 labels=torch.roll(ids, -1, dims=1))
+    loss = model(
+        ids,
+        torch.arange(ids.shape[1]).unsqueeze(0),
+        None,
+        pixel_values=torch.randn(1, 3, 56, 56),
+        labels=torch.roll(ids, -1, dims=1),
+    )
     loss.sum().backward()
+
     def parts(keep) -> set[str]:
         return {name.split(".")[0] for name, param in model.named_parameters() if keep(param)}
 
-    return {"with_grad": parts(lambda p: p.grad is not None), "trainable": parts(lambda p: p.requires_grad),
-            "recompute": (recomputing.language_model.config.recompute_num_layers,
-                          recomputing.vision.config.recompute_num_layers),
-            "later_stage_parts": [name for name, _ in provider(False, True, None).named_children()]}
+    return {
+        "with_grad": parts(lambda p: p.grad is not None),
+        "trainable": parts(lambda p: p.requires_grad),
+        "recompute": (
+            recomputing.language_model.config.recompute_num_layers,
+            recomputing.vision.config.recompute_num_layers,
+        ),
+        "later_stage_parts": [name for name, _ in provider(False, True, None).named_children()],
+    }
 
 
 def test_freeze_recompute_and_stage_placement() -> None:

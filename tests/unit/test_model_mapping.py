@@ -60,4 +60,3 @@ def test_vocab_rows_are_padded_for_tp_and_dropped_back() -> None:
     padded = transforms(TINY)["vocab"].to_mcore([table])
     assert padded.shape == (TINY.decoder.padded_vocab_size(1), 64) == (384, 64)
     assert torch.equal(padded[:300], table) and not padded[300:].any()
-

@@ -1,13 +1,14 @@
-"""Presets: the 14B model instantiates on the meta device with the published parameter count;
-geometry and placeholder ids agree with the data pipeline."""
+"""Presets: the 14B model instantiates on the meta device with the released checkpoint's parameter
+count (computed here from the component configs); geometry and placeholder ids agree with the
+data pipeline."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from megatron_longvita.config.parallel import ConfigError, ParallelConfig
 from megatron_longvita.config.data import MediaConfig
+from megatron_longvita.config.parallel import ConfigError, ParallelConfig
 from megatron_longvita.models.presets import PRESETS, get_preset
 from tests.harness import run_distributed
 
@@ -23,15 +24,23 @@ def qwen25_14b_params() -> int:
 def internvit_300m_params() -> int:
     """InternViT-300M-448px: 24 layers, hidden 1024, MLP 4096, 448/14 -> 1024 patches + class token."""
     hidden, ffn, layers = 1024, 4096, 24
-    layer = (3 * hidden * hidden + 3 * hidden) + (hidden * hidden + hidden) + (hidden * ffn + ffn) \
-        + (ffn * hidden + hidden) + 4 * hidden + 2 * hidden  # qkv, proj, fc1, fc2, 2 LayerNorms, ls1/ls2
+    layer = (
+        (3 * hidden * hidden + 3 * hidden)
+        + (hidden * hidden + hidden)
+        + (hidden * ffn + ffn)
+        + (ffn * hidden + hidden)
+        + 4 * hidden
+        + 2 * hidden
+    )  # qkv, proj, fc1, fc2, 2 LayerNorms, ls1/ls2
     embeddings = hidden * 3 * 14 * 14 + hidden + hidden + 1025 * hidden  # conv (+bias), class token, positions
     return layers * layer + embeddings
 
 
-def projector_params() -> int:
-    """LayerNorm(4096) -> Linear 4096->5120 -> GELU -> Linear 5120->5120, no biases (Long-VITA)."""
-    return 2 * 4096 + 4096 * 5120 + 5120 * 5120
+def projector_params(vit_hidden: int = 1024, llm_hidden: int = 5120, downsample_ratio: float = 0.5) -> int:
+    """Long-VITA's ResamplerProjector: LayerNorm(4 x vit) -> Linear(4 x vit -> vit) -> GELU ->
+    Linear(vit -> llm), no biases (4096 -> 1024 -> 5120 for 14B)."""
+    width = vit_hidden * int(1 / downsample_ratio) ** 2
+    return 2 * width + width * vit_hidden + vit_hidden * llm_hidden
 
 
 def count_on_meta(preset: str) -> dict[str, int]:
@@ -42,17 +51,23 @@ def count_on_meta(preset: str) -> dict[str, int]:
     with torch.device("meta"):
         model = build_long_vita(get_preset(preset), ParallelConfig(), params_dtype=torch.bfloat16)
     assert all(p.is_meta for p in model.parameters())
-    return {part: sum(p.numel() for p in getattr(model, part).parameters())
-            for part in ("language_model", "vision", "projector")}
+    return {
+        part: sum(p.numel() for p in getattr(model, part).parameters())
+        for part in ("language_model", "vision", "projector")
+    }
 
 
-def test_14b_preset_on_meta_matches_published_counts() -> None:
+def test_14b_preset_on_meta_matches_the_released_checkpoint() -> None:
     [counts] = run_distributed(count_on_meta, 1, "qwen2.5-14b")
     assert qwen25_14b_params() == 14_770_033_664
     assert internvit_300m_params() == 304_012_288
-    assert counts == {"language_model": qwen25_14b_params(), "vision": internvit_300m_params(),
-                      "projector": projector_params()}
-    assert sum(counts.values()) == 15_121_240_064
+    assert projector_params() == 9_445_376
+    assert counts == {
+        "language_model": qwen25_14b_params(),
+        "vision": internvit_300m_params(),
+        "projector": projector_params(),
+    }
+    assert sum(counts.values()) == 15_083_491_328
 
 
 def test_presets_are_registered() -> None:

@@ -29,15 +29,20 @@ def test_every_patch_is_declared_with_reason_and_versions() -> None:
 
 
 def test_unsupported_version_fails_fast_naming_the_patch() -> None:
-    too_new = Patch("needs-ancient-megatron", "json.dumps", lambda original: original,
-                    "test", ("cpu",), "<0.1")
+    too_new = Patch("needs-ancient-megatron", "json.dumps", lambda original: original, "test", ("cpu",), "<0.1")
     with pytest.raises(PatchVersionError, match="needs-ancient-megatron"):
         patches.apply(too_new)
 
 
 def test_missing_target_is_named() -> None:
-    moved = Patch("moved-upstream", "megatron.core.transformer.utils.no_such_function",
-                  lambda original: original, "test", ("cpu",), ">=0.16")
+    moved = Patch(
+        "moved-upstream",
+        "megatron.core.transformer.utils.no_such_function",
+        lambda original: original,
+        "test",
+        ("cpu",),
+        ">=0.16",
+    )
     with pytest.raises(PatchTargetError, match="no_such_function"):
         patches.apply(moved)
 
@@ -48,9 +53,13 @@ def test_npu_without_vendor_stack_is_a_clear_error() -> None:
 
 
 def test_cli_lists_the_patches_in_force() -> None:
-    listing = subprocess.run([sys.executable, "-m", "megatron_longvita.patches", "--json"],
-                             capture_output=True, text=True, check=True,
-                             env={**os.environ, "LONGVITA_PLATFORM": "cpu"})
+    listing = subprocess.run(
+        [sys.executable, "-m", "megatron_longvita.patches", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "LONGVITA_PLATFORM": "cpu"},
+    )
     rows = [json.loads(line) for line in listing.stdout.splitlines()]
     assert [row["name"] for row in rows] == [p.name for p in patches.declared("cpu")]
     assert all(row["installed"] for row in rows)

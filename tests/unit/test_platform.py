@@ -23,11 +23,18 @@ def test_backend_per_platform(name: str, backend: str) -> None:
     assert describe_platform(name).backend == backend
 
 
-@pytest.mark.parametrize("parallel, world_size, message", [
-    (ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), 6, "not divisible by TP x PP x CP"),
-    (ParallelConfig(sequence_parallel=True), 2, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
-    (ParallelConfig(virtual_pipeline_model_parallel_size=2), 2, "--pipeline-model-parallel-size >= 2"),
-])
+@pytest.mark.parametrize(
+    "parallel, world_size, message",
+    [
+        (
+            ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
+            6,
+            "not divisible by TP x PP x CP",
+        ),
+        (ParallelConfig(sequence_parallel=True), 2, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+        (ParallelConfig(virtual_pipeline_model_parallel_size=2), 2, "--pipeline-model-parallel-size >= 2"),
+    ],
+)
 def test_parallel_config_errors_name_the_flag(parallel: ParallelConfig, world_size: int, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
         parallel.validate(world_size)
@@ -56,8 +63,13 @@ try:
 except RuntimeError as error:
     print(error)
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "LONGVITA_PLATFORM": "cpu"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "LONGVITA_PLATFORM": "cpu"},
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "applied: 0 False"

@@ -14,11 +14,20 @@ from tests.references import reference_attention
 KERNELS = ["cpu_flash", "math"]
 
 
-def _qkv(length: int, batch: int, q_heads: int, kv_heads: int, dim: int = 8, seed: int = 0,
-         dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+def _qkv(
+    length: int,
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    dim: int = 8,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(length, batch, heads, dim, generator=generator, dtype=dtype)
-            for heads in (q_heads, kv_heads, kv_heads)]
+    return [
+        torch.randn(length, batch, heads, dim, generator=generator, dtype=dtype)
+        for heads in (q_heads, kv_heads, kv_heads)
+    ]
 
 
 def _bhsd(t: torch.Tensor) -> torch.Tensor:
@@ -35,7 +44,8 @@ def test_block_kernel_segments_leave_uncovered_rows_empty(kernel: str) -> None:
     for seg in segments:
         rows, cols = slice(seg.q_start, seg.q_end), slice(seg.k_start, seg.k_end)
         expected = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, rows], k[:, :, cols], v[:, :, cols], scale=0.5, enable_gqa=True)
+            q[:, :, rows], k[:, :, cols], v[:, :, cols], scale=0.5, enable_gqa=True
+        )
         torch.testing.assert_close(out[:, :, rows], expected, atol=1e-12, rtol=0)
     dout = torch.randn_like(out)
     grads = BLOCK_KERNELS.get(kernel).backward(dout, q, k, v, out, lse, segments, False, 0.5)

@@ -39,8 +39,12 @@ def test_stage_recipe_matches_spec(stage: str) -> None:
     assert config.data.seq_length == seq and config.data.packing == packing
     assert config.data.media.max_num_frames == frames
     parallel = config.parallel
-    assert (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-            parallel.context_parallel_size, parallel.data_parallel_size(64)) == (tp, pp, cp, dp)
+    assert (
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        parallel.context_parallel_size,
+        parallel.data_parallel_size(64),
+    ) == (tp, pp, cp, dp)
     assert config.data.global_batch_size == batch and config.schedule.train_iters == iters
     assert (config.optimizer.lr, config.optimizer.min_lr) == (lr, min_lr)
     assert config.bf16 and parallel.sequence_parallel and config.optimizer.use_distributed_optimizer
@@ -59,24 +63,52 @@ def test_stage_specifics() -> None:
 
 
 def test_megatron_flags_override_the_yaml() -> None:
-    config = parse_args(["--config", str(CONFIGS / "stage1_14b.yaml"), "--tensor-model-parallel-size", "2",
-                         "--lr", "3e-4", "--train-iters", "7", "--logits-mask", "--save", "/tmp/ckpt"])
+    config = parse_args(
+        [
+            "--config",
+            str(CONFIGS / "stage1_14b.yaml"),
+            "--tensor-model-parallel-size",
+            "2",
+            "--lr",
+            "3e-4",
+            "--train-iters",
+            "7",
+            "--logits-mask",
+            "--save",
+            "/tmp/ckpt",
+        ]
+    )
     assert config.parallel.tensor_model_parallel_size == 2 and config.parallel.sequence_parallel
     assert config.optimizer.lr == 3e-4 and config.schedule.train_iters == 7
     assert config.model.lm_head == "masked" and config.checkpoint.save == "/tmp/ckpt"
 
 
-@pytest.mark.parametrize("flags, world_size, message", [
-    (["--tensor-model-parallel-size", "16"], 64,
-     r"--tensor-model-parallel-size 16 does not divide the LLM attention heads \(40\)"),
-    (["--context-parallel-size", "2", "--seq-length", "32766"], 64,
-     r"--seq-length 32766 is not divisible by 2 x --context-parallel-size = 4"),
-    (["--global-batch-size", "12"], 64,
-     r"--global-batch-size 12 is not divisible by --micro-batch-size x data-parallel size = 1 x 8"),
-    ([], 60, r"world size 60 is not divisible by TP x PP x CP"),
-    (["--context-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "8"], 64,
-     r"reset packing keeps one packed row per micro-batch"),
-])
+@pytest.mark.parametrize(
+    "flags, world_size, message",
+    [
+        (
+            ["--tensor-model-parallel-size", "16"],
+            64,
+            r"--tensor-model-parallel-size 16 does not divide the LLM attention heads \(40\)",
+        ),
+        (
+            ["--context-parallel-size", "2", "--seq-length", "32766"],
+            64,
+            r"--seq-length 32766 is not divisible by 2 x --context-parallel-size = 4",
+        ),
+        (
+            ["--global-batch-size", "12"],
+            64,
+            r"--global-batch-size 12 is not divisible by --micro-batch-size x data-parallel size = 1 x 8",
+        ),
+        ([], 60, r"world size 60 is not divisible by TP x PP x CP"),
+        (
+            ["--context-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "8"],
+            64,
+            r"reset packing keeps one packed row per micro-batch",
+        ),
+    ],
+)
 def test_bad_settings_fail_with_the_fix(flags: list[str], world_size: int, message: str) -> None:
     config = parse_args(["--config", str(CONFIGS / "stage1_14b.yaml"), *flags])
     with pytest.raises(ConfigError, match=message):
@@ -100,8 +132,10 @@ def test_7b_variants_are_the_14b_recipe_with_their_differences(stage: int) -> No
     config.validate(world_size=64, model=get_preset(config.model.preset))
     reference = load_yaml(str(CONFIGS / f"stage{stage}_14b.yaml"))
     expected = dataclasses.replace(
-        reference, model=dataclasses.replace(reference.model, preset="qwen2.5-7b", **SEVEN_B[stage]),
-        parallel=dataclasses.replace(reference.parallel, tensor_model_parallel_size=4))
+        reference,
+        model=dataclasses.replace(reference.model, preset="qwen2.5-7b", **SEVEN_B[stage]),
+        parallel=dataclasses.replace(reference.parallel, tensor_model_parallel_size=4),
+    )
     assert config == expected
 
 
@@ -109,7 +143,8 @@ def test_base_include_merges_resolves_relative_paths_and_refuses_cycles(tmp_path
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "base.yaml").write_text(
         "data: {mixture: mix.yaml, seq_length: 64, media: {max_tiles: 6, max_num_frames: 8}}\n"
-        "schedule: {train_iters: 5}\n")
+        "schedule: {train_iters: 5}\n"
+    )
     (tmp_path / "run.yaml").write_text("base: recipes/base.yaml\ndata: {media: {max_tiles: 2}, seq_length: 32}\n")
     config = load_yaml(str(tmp_path / "run.yaml"))
     assert (config.data.seq_length, config.data.media.max_tiles, config.data.media.max_num_frames) == (32, 2, 8)
@@ -141,14 +176,16 @@ def test_registered_names_are_accepted_and_unknown_ones_listed(tmp_path: Path) -
     try:
         config.validate(64)  # a plugin's head is accepted like a built-in
         recipe = tmp_path / "plugin.yaml"
-        recipe.write_text(f"base: {CONFIGS / 'stage3_14b.yaml'}\n"
-                          "data: {packing: plugin_layout, bin_packer: greedy}\n")
+        recipe.write_text(
+            f"base: {CONFIGS / 'stage3_14b.yaml'}\ndata: {{packing: plugin_layout, bin_packer: greedy}}\n"
+        )
         plugin = load_yaml(str(recipe))
         plugin.validate(64)
         assert (plugin.data.packing, plugin.data.bin_packer) == ("plugin_layout", "greedy")
         bad = dataclasses.replace(plugin, data=dataclasses.replace(plugin.data, bin_packer="best_fit"))
-        with pytest.raises(ConfigError,
-                           match=r"data.bin_packer: unknown bin packer 'best_fit'; registered: ffd, greedy"):
+        with pytest.raises(
+            ConfigError, match=r"data.bin_packer: unknown bin packer 'best_fit'; registered: ffd, greedy"
+        ):
             bad.validate(64)
     finally:
         OUTPUT_HEADS._items.pop("plugin_head")
@@ -166,7 +203,8 @@ def test_fields_set_by_the_model_or_launcher_are_refused_in_a_yaml(tmp_path: Pat
 
 
 def test_short_parallel_aliases_come_from_one_table() -> None:
-    config = parse_args(["--config", str(CONFIGS / "stage3_14b.yaml"), "--tp", "4", "--cp", "4",
-                         "--max-num-frames", "64"])
+    config = parse_args(
+        ["--config", str(CONFIGS / "stage3_14b.yaml"), "--tp", "4", "--cp", "4", "--max-num-frames", "64"]
+    )
     assert (config.parallel.tensor_model_parallel_size, config.parallel.context_parallel_size) == (4, 4)
     assert config.data.media.max_num_frames == 64

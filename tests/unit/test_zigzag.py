@@ -36,9 +36,13 @@ def test_indivisible_length_is_a_clear_error() -> None:
 
 
 def test_padding_is_a_lossless_trailing_document() -> None:
-    batch = {"tokens": torch.arange(1, 24).view(1, 23), "labels": torch.arange(2, 25).view(1, 23),
-             "loss_mask": torch.ones(1, 23), "position_ids": torch.arange(23).view(1, 23),
-             "cu_seqlens": torch.tensor([0, 1, 20, 23], dtype=torch.int32)}
+    batch = {
+        "tokens": torch.arange(1, 24).view(1, 23),
+        "labels": torch.arange(2, 25).view(1, 23),
+        "loss_mask": torch.ones(1, 23),
+        "position_ids": torch.arange(23).view(1, 23),
+        "cu_seqlens": torch.tensor([0, 1, 20, 23], dtype=torch.int32),
+    }
     padded = pad_for_context_parallel(batch, cp_size=4)  # to 24 = multiple of 8
     assert padded["tokens"].shape == (1, 24) and padded["tokens"][0, -1] == 0
     assert padded["loss_mask"][0, -1] == 0 and padded["loss_mask"][0, :23].all()
@@ -55,7 +59,7 @@ def _plan_mask(cp_size: int, rank: int, step_index: int, length: int, cu_seqlens
     mask = torch.zeros(length, length, dtype=torch.bool)
     for seg in step.segments:
         block = torch.ones(seg.q_end - seg.q_start, seg.k_end - seg.k_start, dtype=torch.bool)
-        mask[seg.q_start:seg.q_end, seg.k_start:seg.k_end] = block.tril() if step.causal else block
+        mask[seg.q_start : seg.q_end, seg.k_start : seg.k_end] = block.tril() if step.causal else block
     return mask
 
 

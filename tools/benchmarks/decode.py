@@ -46,8 +46,9 @@ def _rank_benchmark(cp_size: int, context: int, new_tokens: int, fixed_steps: in
     platform = setup_platform()
     initialize_distributed(parallel, platform=platform)
     config = get_preset("tiny")
-    [model] = build_model_chunks(long_vita_provider(config, parallel, platform=platform, purpose=INFERENCE,
-                                                    head=HeadConfig()))
+    [model] = build_model_chunks(
+        long_vita_provider(config, parallel, platform=platform, purpose=INFERENCE, head=HeadConfig())
+    )
     engine = InferenceEngine(model.eval(), config.decoder.vocab_size)
     prompt = GenerationRequest(torch.randint(0, 200, (context,), generator=torch.Generator().manual_seed(0)).tolist())
     engine.generate([prompt], GenerationConfig(max_new_tokens=8))  # warm-up
@@ -55,11 +56,15 @@ def _rank_benchmark(cp_size: int, context: int, new_tokens: int, fixed_steps: in
     cached_timing = engine.timing
     fixed = engine.generate([prompt], GenerationConfig(max_new_tokens=fixed_steps + 1, decode_mode="fixed-length"))
     fixed_timing = engine.timing
-    if fixed[0].tokens != cached[:fixed_steps + 1]:
+    if fixed[0].tokens != cached[: fixed_steps + 1]:
         raise AssertionError(f"cached and fixed-length greedy tokens differ: {cached} vs {fixed[0].tokens}")
-    return {"prefill_s": cached_timing.prefill_s, "cached_decode_ms_per_token": cached_timing.per_token_s * 1e3,
-            "cached_decode_ms_median": cached_timing.median_token_s * 1e3,
-            "fixed_length_ms_per_token": fixed_timing.per_token_s * 1e3, "peak_memory_mib": _peak_memory_mib()}
+    return {
+        "prefill_s": cached_timing.prefill_s,
+        "cached_decode_ms_per_token": cached_timing.per_token_s * 1e3,
+        "cached_decode_ms_median": cached_timing.median_token_s * 1e3,
+        "fixed_length_ms_per_token": fixed_timing.per_token_s * 1e3,
+        "peak_memory_mib": _peak_memory_mib(),
+    }
 
 
 def main() -> None:
@@ -71,8 +76,9 @@ def main() -> None:
     args = parser.parse_args()
     result = {"model": "tiny", "context": args.context, "dtype": "float32", "cp": {}}
     for cp_size in args.cp:
-        ranks = run_distributed(_rank_benchmark, cp_size, cp_size, args.context, args.new_tokens, args.fixed_steps,
-                                timeout=1800)
+        ranks = run_distributed(
+            _rank_benchmark, cp_size, cp_size, args.context, args.new_tokens, args.fixed_steps, timeout=1800
+        )
         summary = {key: round(max(r[key] for r in ranks), 3) for key in ranks[0]}
         summary["per_rank_peak_memory_mib"] = [round(r["peak_memory_mib"], 1) for r in ranks]
         del summary["peak_memory_mib"]

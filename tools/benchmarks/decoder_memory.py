@@ -48,18 +48,32 @@ def _rank_memory(cp_size: int, args: argparse.Namespace) -> dict:
     parallel = ParallelConfig(context_parallel_size=cp_size)
     platform = setup_platform()
     initialize_distributed(parallel, platform=platform)
-    config = DecoderConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
-                           num_attention_heads=args.heads, num_query_groups=args.kv_heads, vocab_size=args.vocab,
-                           max_position_embeddings=args.seq_length)
+    config = DecoderConfig(
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        ffn_hidden_size=args.ffn,
+        num_attention_heads=args.heads,
+        num_query_groups=args.kv_heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=args.seq_length,
+    )
     torch.manual_seed(0)
-    model = build_decoder(config, config.transformer_config(parallel), layer_spec="local_ring",
-                          head=HeadConfig(mode=args.head), platform=platform)
+    model = build_decoder(
+        config,
+        config.transformer_config(parallel),
+        layer_spec="local_ring",
+        head=HeadConfig(mode=args.head),
+        platform=platform,
+    )
     generator = torch.Generator().manual_seed(1)
     length = args.seq_length
-    batch = {"tokens": torch.randint(0, args.vocab, (1, length), generator=generator),
-             "labels": torch.randint(0, args.vocab, (1, length), generator=generator),
-             "loss_mask": torch.ones(1, length), "position_ids": torch.arange(length)[None],
-             "cu_seqlens": torch.arange(0, length + 1, args.document_length, dtype=torch.int32)}
+    batch = {
+        "tokens": torch.randint(0, args.vocab, (1, length), generator=generator),
+        "labels": torch.randint(0, args.vocab, (1, length), generator=generator),
+        "loss_mask": torch.ones(1, length),
+        "position_ids": torch.arange(length)[None],
+        "cu_seqlens": torch.arange(0, length + 1, args.document_length, dtype=torch.int32),
+    }
     local = split_batch_for_context_parallel(batch, cp_size, dist.get_rank())
     packed = packed_seq_params_for_context_parallel(local["cu_seqlens"], length)
     params = list(model.parameters())
@@ -69,19 +83,27 @@ def _rank_memory(cp_size: int, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     with tracker:
         tracker.phase = "forward"
-        per_token = model(local["tokens"], local["position_ids"], attention_mask=None, labels=local["labels"],
-                          loss_mask=local["loss_mask"], packed_seq_params=packed)
+        per_token = model(
+            local["tokens"],
+            local["position_ids"],
+            attention_mask=None,
+            labels=local["labels"],
+            loss_mask=local["loss_mask"],
+            packed_seq_params=packed,
+        )
         loss = (per_token * local["loss_mask"]).sum() / length
         held = tracker.live
         tracker.phase = "backward"
         loss.backward()
         del per_token, loss
-    return {"peak_activation_mib": round(tracker.peak / MIB, 3),
-            "forward_peak_mib": round(tracker.phase_peaks["forward"] / MIB, 3),
-            "held_for_backward_mib": round(held / MIB, 3),
-            "backward_peak_mib": round(tracker.phase_peaks["backward"] / MIB, 3),
-            "fwd_bwd_s": round(time.perf_counter() - started, 2),
-            "at_peak": tracker.at_peak(top=args.top)}
+    return {
+        "peak_activation_mib": round(tracker.peak / MIB, 3),
+        "forward_peak_mib": round(tracker.phase_peaks["forward"] / MIB, 3),
+        "held_for_backward_mib": round(held / MIB, 3),
+        "backward_peak_mib": round(tracker.phase_peaks["backward"] / MIB, 3),
+        "fwd_bwd_s": round(time.perf_counter() - started, 2),
+        "at_peak": tracker.at_peak(top=args.top),
+    }
 
 
 def main() -> None:
@@ -99,10 +121,16 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="largest buffers listed at the peak")
     args = parser.parse_args()
     os.environ.setdefault("LONGVITA_PLATFORM", "cpu")
-    report = {key: getattr(args, key) for key in ("seq_length", "document_length", "layers", "hidden", "ffn",
-                                                  "heads", "kv_heads", "vocab", "head")}
-    report.update(dtype="float32", memory="peak live tensor bytes of one forward + backward per rank "
-                  "(TorchDispatchMode); parameters, gradients and the micro-batch excluded", cp={})
+    report = {
+        key: getattr(args, key)
+        for key in ("seq_length", "document_length", "layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "head")
+    }
+    report.update(
+        dtype="float32",
+        memory="peak live tensor bytes of one forward + backward per rank "
+        "(TorchDispatchMode); parameters, gradients and the micro-batch excluded",
+        cp={},
+    )
     for cp_size in args.cp_sizes:
         ranks = run_distributed(_rank_memory, cp_size, cp_size, args, timeout=3600)
         peaks = [r["peak_activation_mib"] for r in ranks]

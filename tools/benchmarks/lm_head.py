@@ -27,9 +27,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import torch
@@ -70,7 +70,7 @@ def _init_tensor_parallel_group() -> None:
 
 def _inputs(tokens: int, hidden: int, vocab: int, label_fraction: float, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(vocab, hidden, generator=generator) * hidden ** -0.5
+    weight = torch.randn(vocab, hidden, generator=generator) * hidden**-0.5
     states = torch.randn(tokens, hidden, generator=generator)
     labels = torch.randint(0, vocab, (tokens,), generator=generator)
     labelled = round(label_fraction * tokens)
@@ -100,6 +100,7 @@ def _run(head: OutputHead, task: str, tokens: int, args) -> Step:
         def step() -> None:
             with torch.no_grad():
                 head.logits(states, last, vocab)
+
         return _measure(step, (weight, states, last))
 
     weight.requires_grad_()
@@ -108,6 +109,7 @@ def _run(head: OutputHead, task: str, tokens: int, args) -> Step:
     def step() -> None:
         loss = (head.loss(states, labels, loss_mask, vocab) * loss_mask).sum() / loss_mask.sum()
         loss.backward()
+
     return _measure(step, (weight, states, labels, loss_mask))
 
 
@@ -162,11 +164,20 @@ def _head_figures(name: str, task: str, args) -> dict:
         raise SystemExit(f"{task} {name}: not enough free RAM to time any length (headroom {args.headroom})")
     timed = _run(head, task, time_tokens, args)
     check = {"real": real_check.peak, "fake": fake(args.check_tokens).peak}
-    print(f"{task} {name}: peak bytes at {args.check_tokens} tokens, real {check['real']} fake {check['fake']}; "
-          f"timed at {time_tokens} tokens", file=sys.stderr, flush=True)
-    figures = {"peak_mib": round(fake(args.tokens).peak / 2**20, 3), f"peak_bytes_at_{args.check_tokens}": check,
-               "time_tokens": time_tokens, "wall_s": round(timed.wall_s, 3), "cpu_s": round(timed.cpu_s, 3),
-               "real_peak_equals_fake_at_time_tokens": timed.peak == fake(time_tokens).peak}
+    print(
+        f"{task} {name}: peak bytes at {args.check_tokens} tokens, real {check['real']} fake {check['fake']}; "
+        f"timed at {time_tokens} tokens",
+        file=sys.stderr,
+        flush=True,
+    )
+    figures = {
+        "peak_mib": round(fake(args.tokens).peak / 2**20, 3),
+        f"peak_bytes_at_{args.check_tokens}": check,
+        "time_tokens": time_tokens,
+        "wall_s": round(timed.wall_s, 3),
+        "cpu_s": round(timed.cpu_s, 3),
+        "real_peak_equals_fake_at_time_tokens": timed.peak == fake(time_tokens).peak,
+    }
     if task == "prefill":
         # The chunked head's answer (millions of tokens) is the linear prediction itself: under fake
         # mode a chunk costs ~3 ms, a probe there ~30 s. Its need is the hidden states plus a
@@ -186,18 +197,27 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--check-tokens", type=int, default=2048, help="length of the real-vs-fake peak check")
     parser.add_argument("--cap-gib", type=float, default=16.0)
-    parser.add_argument("--headroom", type=float, default=1.4,
-                        help="a real run needs available RAM >= headroom x (peak + inputs)")
+    parser.add_argument(
+        "--headroom", type=float, default=1.4, help="a real run needs available RAM >= headroom x (peak + inputs)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     _init_tensor_parallel_group()
 
-    result: dict = {"tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "dtype": "float32",
-                    "label_fraction": args.label_fraction, "chunk_size": args.chunk_size,
-                    "check_tokens": args.check_tokens, "cap_gib": args.cap_gib, "headroom": args.headroom,
-                    "threads": torch.get_num_threads(),
-                    "memory": "peak live tensor bytes allocated by the step (TorchDispatchMode), inputs excluded, "
-                              "counted on fake tensors (FakeTensorMode)"}
+    result: dict = {
+        "tokens": args.tokens,
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "dtype": "float32",
+        "label_fraction": args.label_fraction,
+        "chunk_size": args.chunk_size,
+        "check_tokens": args.check_tokens,
+        "cap_gib": args.cap_gib,
+        "headroom": args.headroom,
+        "threads": torch.get_num_threads(),
+        "memory": "peak live tensor bytes allocated by the step (TorchDispatchMode), inputs excluded, "
+        "counted on fake tensors (FakeTensorMode)",
+    }
     for task in ("prefill", "train"):
         figures = {name: _head_figures(name, task, args) for name in HEADS}
         full = figures["full"]
@@ -205,7 +225,8 @@ def main() -> None:
             ours = figures[name]
             ours["peak_vs_full"] = round(ours["peak_mib"] / full["peak_mib"], 6)
             ours["cpu_time_per_token_vs_full"] = round(
-                ours["cpu_s"] / ours["time_tokens"] / (full["cpu_s"] / full["time_tokens"]), 4)
+                ours["cpu_s"] / ours["time_tokens"] / (full["cpu_s"] / full["time_tokens"]), 4
+            )
             if task == "prefill":
                 ours["max_tokens_vs_full"] = round(ours["max_tokens_in_cap"] / full["max_tokens_in_cap"], 2)
         result[task] = figures

@@ -50,13 +50,13 @@ def planned_flops(cp_size: int, rank: int, local_length: int, heads: int, head_d
 def work_balance(seq_length: int, cp_size: int, heads: int, head_dim: int) -> dict[str, float]:
     local = seq_length // cp_size
     zigzag = [planned_flops(cp_size, r, local, heads, head_dim) for r in range(cp_size)]
-    contiguous = [causal_flops(torch.arange(r * local, (r + 1) * local), heads, head_dim)
-                  for r in range(cp_size)]
-    exact = [causal_flops(zigzag_positions(seq_length, cp_size, r), heads, head_dim)
-             for r in range(cp_size)]
-    return {"zigzag_max_over_min": max(zigzag) / min(zigzag),
-            "zigzag_exact_mask_max_over_min": max(exact) / min(exact),
-            "contiguous_max_over_min": max(contiguous) / min(contiguous)}
+    contiguous = [causal_flops(torch.arange(r * local, (r + 1) * local), heads, head_dim) for r in range(cp_size)]
+    exact = [causal_flops(zigzag_positions(seq_length, cp_size, r), heads, head_dim) for r in range(cp_size)]
+    return {
+        "zigzag_max_over_min": max(zigzag) / min(zigzag),
+        "zigzag_exact_mask_max_over_min": max(exact) / min(exact),
+        "contiguous_max_over_min": max(contiguous) / min(contiguous),
+    }
 
 
 def _timed(fn, iterations: int) -> float:
@@ -78,15 +78,18 @@ def _memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tenso
         tracker.phase = "backward"
         grads = torch.autograd.grad(out, (q, k, v), dout)
         del out, grads
-    return {"peak_activation_mib": round(tracker.peak / MIB, 3),
-            "forward_peak_mib": round(tracker.phase_peaks["forward"] / MIB, 3),
-            "held_for_backward_mib": round(held / MIB, 3),
-            "backward_peak_mib": round(tracker.phase_peaks["backward"] / MIB, 3),
-            "at_peak": tracker.at_peak(min_bytes=MIB // 4)}
+    return {
+        "peak_activation_mib": round(tracker.peak / MIB, 3),
+        "forward_peak_mib": round(tracker.phase_peaks["forward"] / MIB, 3),
+        "held_for_backward_mib": round(held / MIB, 3),
+        "backward_peak_mib": round(tracker.phase_peaks["backward"] / MIB, 3),
+        "at_peak": tracker.at_peak(min_bytes=MIB // 4),
+    }
 
 
-def _rank_benchmark(seq_length: int, heads: int, kv_heads: int, head_dim: int, iterations: int,
-                    memory_only: bool) -> dict:
+def _rank_benchmark(
+    seq_length: int, heads: int, kv_heads: int, head_dim: int, iterations: int, memory_only: bool
+) -> dict:
     from megatron_longvita.platform import setup_platform
 
     platform = setup_platform()
@@ -98,8 +101,10 @@ def _rank_benchmark(seq_length: int, heads: int, kv_heads: int, head_dim: int, i
         group = dist.group.WORLD
     local = seq_length // world
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(local, 1, h, head_dim, generator=generator).to(device).requires_grad_()
-               for h in (heads, kv_heads, kv_heads))
+    q, k, v = (
+        torch.randn(local, 1, h, head_dim, generator=generator).to(device).requires_grad_()
+        for h in (heads, kv_heads, kv_heads)
+    )
     dout = torch.randn(local, 1, heads, head_dim, generator=generator).to(device)
     result = _memory(q, k, v, dout, group, platform.attention_kernel)  # also the warm-up (and the plan cache)
     if memory_only:
@@ -120,8 +125,10 @@ def _rank_benchmark(seq_length: int, heads: int, kv_heads: int, head_dim: int, i
         kernel = BLOCK_KERNELS.get(platform.attention_kernel)
         q_, kv = q.detach().permute(1, 2, 0, 3), torch.stack([k, v]).detach().permute(0, 2, 3, 1, 4)
         steps = plan_ring(world, dist.get_rank(), local)
-        compute = lambda: [kernel.forward(q_, kv[0], kv[1], s.segments, s.causal, head_dim ** -0.5)  # noqa: E731
-                           for s in steps]
+
+        def compute() -> list:
+            return [kernel.forward(q_, kv[0], kv[1], s.segments, s.causal, head_dim**-0.5) for s in steps]
+
         exchange, buffers = RingExchange(group, tag=0), ((kv.contiguous(),), (torch.empty_like(kv.contiguous()),))
 
         def communicate() -> None:
@@ -131,8 +138,12 @@ def _rank_benchmark(seq_length: int, heads: int, kv_heads: int, head_dim: int, i
 
         t_compute, t_comm, t_total = (_timed(fn, iterations) for fn in (compute, communicate, forward))
         hidden = t_compute + t_comm - t_total
-        result.update(fwd_s=t_total, fwd_compute_s=t_compute, fwd_comm_s=t_comm,
-                      overlap_efficiency=max(0.0, min(1.0, hidden / t_comm)) if t_comm > 0 else 1.0)
+        result.update(
+            fwd_s=t_total,
+            fwd_compute_s=t_compute,
+            fwd_comm_s=t_comm,
+            overlap_efficiency=max(0.0, min(1.0, hidden / t_comm)) if t_comm > 0 else 1.0,
+        )
         dist.destroy_process_group()
     return result
 
@@ -148,25 +159,44 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true", help="exact memory figures only, no timings")
     args = parser.parse_args()
     os.environ.setdefault("LONGVITA_PLATFORM", "cpu")
-    report = {"seq_length": args.seq_length, "heads": args.heads, "kv_heads": args.kv_heads,
-              "head_dim": args.head_dim, "dtype": "float32", "cp": {}}
+    report = {
+        "seq_length": args.seq_length,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "dtype": "float32",
+        "cp": {},
+    }
     for cp_size in args.cp_sizes:
-        ranks = run_distributed(_rank_benchmark, cp_size, args.seq_length, args.heads, args.kv_heads,
-                                args.head_dim, args.iterations, args.memory_only, timeout=3600)
+        ranks = run_distributed(
+            _rank_benchmark,
+            cp_size,
+            args.seq_length,
+            args.heads,
+            args.kv_heads,
+            args.head_dim,
+            args.iterations,
+            args.memory_only,
+            timeout=3600,
+        )
         summary = {key: round(max(r[key] for r in ranks), 4) for key in ranks[0] if key != "at_peak"}
-        summary["peak_activation_mib_max_over_min"] = round(max(r["peak_activation_mib"] for r in ranks)
-                                                            / min(r["peak_activation_mib"] for r in ranks), 4)
+        summary["peak_activation_mib_max_over_min"] = round(
+            max(r["peak_activation_mib"] for r in ranks) / min(r["peak_activation_mib"] for r in ranks), 4
+        )
         if not args.memory_only:
-            summary["fwd_bwd_s_max_over_min"] = round(max(r["fwd_bwd_s"] for r in ranks)
-                                                      / min(r["fwd_bwd_s"] for r in ranks), 3)
+            summary["fwd_bwd_s_max_over_min"] = round(
+                max(r["fwd_bwd_s"] for r in ranks) / min(r["fwd_bwd_s"] for r in ranks), 3
+            )
         if cp_size > 1 and not args.memory_only:
             summary["overlap_efficiency"] = round(min(r["overlap_efficiency"] for r in ranks), 3)
         if cp_size > 1:
-            summary.update({k: round(v, 4) for k, v in
-                            work_balance(args.seq_length, cp_size, args.heads, args.head_dim).items()})
+            summary.update(
+                {k: round(v, 4) for k, v in work_balance(args.seq_length, cp_size, args.heads, args.head_dim).items()}
+            )
         if cp_size != args.cp_sizes[0]:
             summary[f"peak_activation_vs_cp{args.cp_sizes[0]}"] = round(
-                summary["peak_activation_mib"] / report["cp"][str(args.cp_sizes[0])]["peak_activation_mib"], 4)
+                summary["peak_activation_mib"] / report["cp"][str(args.cp_sizes[0])]["peak_activation_mib"], 4
+            )
         summary["at_peak_rank0"] = ranks[0]["at_peak"]
         report["cp"][str(cp_size)] = summary
     print(json.dumps(report), flush=True)

@@ -62,9 +62,12 @@ from tests.references import MIB, LiveTensorBytes  # noqa: E402
 
 def model_flops(args: argparse.Namespace, vocab: int) -> float:
     tokens, hidden, head_dim = args.seq_length * args.micro_batch_size, args.hidden, args.hidden // args.heads
-    linear = hidden * (args.heads * head_dim + 2 * args.kv_heads * head_dim) + args.heads * head_dim * hidden \
+    linear = (
+        hidden * (args.heads * head_dim + 2 * args.kv_heads * head_dim)
+        + args.heads * head_dim * hidden
         + 3 * hidden * args.ffn
-    attention = 2 * args.seq_length ** 2 * args.micro_batch_size * args.heads * head_dim
+    )
+    attention = 2 * args.seq_length**2 * args.micro_batch_size * args.heads * head_dim
     return 3.0 * (args.layers * (2 * tokens * linear + attention) + 2 * tokens * hidden * vocab)
 
 
@@ -90,29 +93,46 @@ def _rank_benchmark(tp: int, args: argparse.Namespace) -> dict:
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
     platform = setup_platform()
     initialize_distributed(parallel, platform=platform)
-    config = DecoderConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
-                           num_attention_heads=args.heads, num_query_groups=args.kv_heads, vocab_size=args.vocab,
-                           max_position_embeddings=args.seq_length)
+    config = DecoderConfig(
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        ffn_hidden_size=args.ffn,
+        num_attention_heads=args.heads,
+        num_query_groups=args.kv_heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=args.seq_length,
+    )
     vocab = config.padded_vocab_size(tp)
     torch.manual_seed(0)
     plain_config = config.transformer_config(parallel)
-    plain = GPTModel(config=plain_config,
-                     transformer_layer_spec=get_gpt_layer_local_spec(normalization=plain_config.normalization),
-                     vocab_size=vocab, max_sequence_length=config.max_position_embeddings,
-                     share_embeddings_and_output_weights=False, position_embedding_type="rope",
-                     rotary_base=int(config.rotary_base))
-    ours = build_decoder(config, config.transformer_config(parallel), layer_spec="local_ring",
-                         head=HeadConfig(mode=args.head, chunk_size=args.chunk_size), platform=platform)
+    plain = GPTModel(
+        config=plain_config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization=plain_config.normalization),
+        vocab_size=vocab,
+        max_sequence_length=config.max_position_embeddings,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(config.rotary_base),
+    )
+    ours = build_decoder(
+        config,
+        config.transformer_config(parallel),
+        layer_spec="local_ring",
+        head=HeadConfig(mode=args.head, chunk_size=args.chunk_size),
+        platform=platform,
+    )
     ours.load_state_dict(plain.state_dict())
     optimizer = OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, clip_grad=1.0)
     states = {"a": setup_training([plain], optimizer), "b": setup_training([ours], optimizer)}
 
     generator = torch.Generator().manual_seed(1)
     shape = (args.micro_batch_size, args.seq_length)
-    batch = {"tokens": torch.randint(0, args.vocab, shape, generator=generator),
-             "labels": torch.randint(0, args.vocab, shape, generator=generator),
-             "loss_mask": torch.ones(shape),
-             "position_ids": torch.arange(args.seq_length).expand(shape).contiguous()}
+    batch = {
+        "tokens": torch.randint(0, args.vocab, shape, generator=generator),
+        "labels": torch.randint(0, args.vocab, shape, generator=generator),
+        "loss_mask": torch.ones(shape),
+        "position_ids": torch.arange(args.seq_length).expand(shape).contiguous(),
+    }
 
     def step(name: str):
         return train_step(states[name], _forward_step, iter([batch]), 1, args.seq_length, args.micro_batch_size)
@@ -166,14 +186,32 @@ def main() -> None:
     parser.add_argument("--matmul-calls", type=int, default=3, help="matmuls per timed peak measurement")
     args = parser.parse_args()
     os.environ.setdefault("LONGVITA_PLATFORM", "cpu")
-    report = {key: getattr(args, key) for key in ("seq_length", "micro_batch_size", "layers", "hidden", "ffn",
-                                                  "heads", "kv_heads", "vocab", "head", "repeats")}
+    report = {
+        key: getattr(args, key)
+        for key in (
+            "seq_length",
+            "micro_batch_size",
+            "layers",
+            "hidden",
+            "ffn",
+            "heads",
+            "kv_heads",
+            "vocab",
+            "head",
+            "repeats",
+        )
+    }
     report.update(dtype="float32", threads_per_rank=1, tp={})
     for tp in args.tp_sizes:
         ranks = run_distributed(_rank_benchmark, tp, tp, args, timeout=7200)
         median = {name: max(statistics.median(r["times"][name]) for r in ranks) for name in ("a", "b", "matmul")}
-        spread = {name: [round(min(min(r["times"][name]) for r in ranks), 3),
-                         round(max(max(r["times"][name]) for r in ranks), 3)] for name in ("a", "b")}
+        spread = {
+            name: [
+                round(min(min(r["times"][name]) for r in ranks), 3),
+                round(max(max(r["times"][name]) for r in ranks), 3),
+            ]
+            for name in ("a", "b")
+        }
         peak = {name: max(r["peaks"][name] for r in ranks) / MIB for name in ("a", "b")}
         vocab = ranks[0]["vocab"]
         gemm_flops = 2.0 * args.seq_length * args.micro_batch_size * args.hidden * (vocab // tp)
@@ -181,27 +219,38 @@ def main() -> None:
         achieved = flops / tp / median["b"]
         matmul_peak = gemm_flops / median["matmul"]
         # the load of a shared host changes within seconds: each repeat's step against the matmul timed just before it
-        per_repeat = [gemm_flops / m / (flops / tp / b) for r in ranks
-                      for m, b in zip(r["times"]["matmul"], r["times"]["b"])]
+        per_repeat = [
+            gemm_flops / m / (flops / tp / b) for r in ranks for m, b in zip(r["times"]["matmul"], r["times"]["b"])
+        ]
         cpu = {name: max(statistics.median(r["cpu_times"][name]) for r in ranks) for name in ("a", "b", "matmul")}
         report["tp"][str(tp)] = {
-            "loss_a": ranks[0]["losses"]["a"], "loss_b": ranks[0]["losses"]["b"],
-            "step_s_a": round(median["a"], 3), "step_s_b": round(median["b"], 3),
-            "step_s_spread_a": spread["a"], "step_s_spread_b": spread["b"],
+            "loss_a": ranks[0]["losses"]["a"],
+            "loss_b": ranks[0]["losses"]["b"],
+            "step_s_a": round(median["a"], 3),
+            "step_s_b": round(median["b"], 3),
+            "step_s_spread_a": spread["a"],
+            "step_s_spread_b": spread["b"],
             "time_b_over_a": round(median["b"] / median["a"], 4),
-            "peak_mib_a": round(peak["a"], 2), "peak_mib_b": round(peak["b"], 2),
+            "peak_mib_a": round(peak["a"], 2),
+            "peak_mib_b": round(peak["b"], 2),
             "peak_b_over_a": round(peak["b"] / peak["a"], 4),
             "model_tflop_per_step": round(flops / 1e12, 4),
             "achieved_gflops_per_rank_b": round(achieved / 1e9, 2),
             "matmul_peak_gflops_per_rank": round(matmul_peak / 1e9, 2),
             "largest_gemm": [args.seq_length * args.micro_batch_size, args.hidden, vocab // tp],
             "mfu_b": round(achieved / matmul_peak, 4),
-            "cpu_s_a": round(cpu["a"], 3), "cpu_s_b": round(cpu["b"], 3),
+            "cpu_s_a": round(cpu["a"], 3),
+            "cpu_s_b": round(cpu["b"], 3),
             "cpu_time_b_over_a": round(cpu["b"] / cpu["a"], 4),
             "mfu_b_cpu_time": round(flops / tp / cpu["b"] / (gemm_flops / cpu["matmul"]), 4),
             "mfu_b_per_repeat": sorted(round(1 / x, 3) for x in per_repeat),
-            "mfu_b_best_over_best": round(flops / tp / min(min(r["times"]["b"]) for r in ranks)
-                                          / (gemm_flops / min(min(r["times"]["matmul"]) for r in ranks)), 4),
+            "mfu_b_best_over_best": round(
+                flops
+                / tp
+                / min(min(r["times"]["b"]) for r in ranks)
+                / (gemm_flops / min(min(r["times"]["matmul"]) for r in ranks)),
+                4,
+            ),
         }
         print(f"TP={tp}: {report['tp'][str(tp)]}", file=sys.stderr, flush=True)
     print(json.dumps(report), flush=True)

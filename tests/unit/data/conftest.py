@@ -15,6 +15,7 @@ from megatron_longvita.data import ChatTokenizer, MediaConfig
 
 from .factories import WORDS, make_frame_dir, make_image, make_video, vqa, write_jsonl, write_mixture
 
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A byte-level BPE with the ChatML tokens, saved as a Hugging Face tokenizer directory."""

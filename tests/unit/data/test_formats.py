@@ -80,8 +80,13 @@ def shipped(tmp_path) -> dict:
     for index, (width, height) in enumerate([(120, 80), (64, 160), (200, 200)]):
         name = save(root / "coco", f"{index:012d}.jpg", draw_image(width, height, index))
         question, answer = f"sample s{index} what is in the picture", f"a picture number {index}"
-        sharegpt4v.append({"id": f"s{index}", "image": f"coco/{name}",
-                           "conversations": [turn("human", f"<image>\n{question}"), turn("gpt", answer)]})
+        sharegpt4v.append(
+            {
+                "id": f"s{index}",
+                "image": f"coco/{name}",
+                "conversations": [turn("human", f"<image>\n{question}"), turn("gpt", answer)],
+            }
+        )
         ours.append({"messages": [message("user", f"<image>\n{question}"), message("assistant", answer)],
                      "images": [f"coco/{name}"]})  # fmt: skip
     with open(root / "sharegpt4v.json", "w", encoding="utf-8") as handle:
@@ -108,14 +113,21 @@ def shipped(tmp_path) -> dict:
         {"messages": [message("user", "sample m2 say yes"), message("assistant", "yes")]},
     ]  # fmt: skip
     pairs["llava_jsonl"] = (
-        write_jsonl(str(root / "ours_llava.jsonl"), ours), write_jsonl(str(root / "llava.jsonl"), llava)
+        write_jsonl(str(root / "ours_llava.jsonl"), ours),
+        write_jsonl(str(root / "llava.jsonl"), llava),
     )
 
     # LLaVA-Video-178K: a JSON array per subset, ``video`` relative to the subset folder, <image> for the video.
     os.makedirs(root / "academic_source")
     make_video(str(root / "academic_source" / "v0.mp4"), 9, fps=2, size=32, height=16)
-    video = [{"id": "v0", "data_source": "0_30_s_academic_v0_1", "video": "academic_source/v0.mp4",
-              "conversations": [turn("human", "<image>\nsample v0 what happens"), turn("gpt", "colours change")]}]
+    video = [
+        {
+            "id": "v0",
+            "data_source": "0_30_s_academic_v0_1",
+            "video": "academic_source/v0.mp4",
+            "conversations": [turn("human", "<image>\nsample v0 what happens"), turn("gpt", "colours change")],
+        }
+    ]
     ours = [{"messages": [message("user", "<video>\nsample v0 what happens"), message("assistant", "colours change")],
              "videos": ["academic_source/v0.mp4"]}]  # fmt: skip
     with open(root / "0_30_s_academic_v0_1_oe.json", "w", encoding="utf-8") as handle:
@@ -131,9 +143,14 @@ def shipped(tmp_path) -> dict:
         data = None if text_only else draw_image(100 + 20 * index, 70 + 30 * (index % 3), 20 + index)
         question, answer = f"sample p{index} read the chart", f"value {index}"
         prefix = "" if text_only else "<image>\n"
-        rows.append({"id": f"p{index}", "data_source": "chartqa",
-                     "image": None if text_only else {"bytes": data, "path": f"p{index}.jpg"},
-                     "conversations": [turn("human", prefix + question), turn("gpt", answer)]})
+        rows.append(
+            {
+                "id": f"p{index}",
+                "data_source": "chartqa",
+                "image": None if text_only else {"bytes": data, "path": f"p{index}.jpg"},
+                "conversations": [turn("human", prefix + question), turn("gpt", answer)],
+            }
+        )
         record = {"messages": [message("user", prefix + question), message("assistant", answer)]}
         if not text_only:
             record["images"] = [save(root, f"p{index}.jpg", data)]

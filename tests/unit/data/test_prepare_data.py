@@ -77,10 +77,24 @@ def test_llava_video_178k_subsets(tmp_path, tokenizer_dir, media_config) -> None
         for index in range(clips):
             name = f"academic_source/clip{index}.mp4"
             make_video(str(root / subset / name), 6 + 3 * index, fps=2)
-            records.append({"id": f"{subset}-{index}", "data_source": subset, "video": name, "conversations": [
-                turn("human", f"<image>\nsample {index} what happens"), turn("gpt", "it changes colour")]})
-        records.append({"id": "gone", "video": "academic_source/missing.mp4",
-                        "conversations": [turn("human", "<image>\nq"), turn("gpt", "a")]})
+            records.append(
+                {
+                    "id": f"{subset}-{index}",
+                    "data_source": subset,
+                    "video": name,
+                    "conversations": [
+                        turn("human", f"<image>\nsample {index} what happens"),
+                        turn("gpt", "it changes colour"),
+                    ],
+                }
+            )
+        records.append(
+            {
+                "id": "gone",
+                "video": "academic_source/missing.mp4",
+                "conversations": [turn("human", "<image>\nq"), turn("gpt", "a")],
+            }
+        )
         records.append({"id": "bad", "video": "academic_source/clip0.mp4",
                         "conversations": [turn("alien", "<image>\nq"), turn("gpt", "a")]})  # fmt: skip
         (root / subset / f"{subset}_oe_processed.json").write_text(json.dumps(records))
