@@ -12,6 +12,7 @@ tests (tests do not import each other or tools/).
 from __future__ import annotations
 
 import math
+import os
 import sys
 import weakref
 from collections import Counter
@@ -246,3 +247,26 @@ class LiveTensorBytes(TorchDispatchMode):
             if nbytes >= min_bytes
         ]
         return rows
+
+
+def tiny_chat_tokenizer(directory: str) -> str:
+    """A byte-level BPE of 278 tokens, so that the Long-VITA specials land on the tiny model's
+    placeholder ids (<IMG_CONTEXT> = 280)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from megatron_longvita.data import ChatTokenizer
+    from tests.unit.data.factories import WORDS
+
+    rng = np.random.default_rng(0)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=278,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator([" ".join(rng.choice(WORDS, size=12)) + "\n" for _ in range(400)], trainer)
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    assert ChatTokenizer.from_dir(directory).context_token_ids == (280, 286, 283)
+    return directory

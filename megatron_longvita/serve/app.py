@@ -14,8 +14,9 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -33,25 +34,38 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 class Metrics:
     def __init__(self, scheduler: Scheduler) -> None:
         self.registry = registry = CollectorRegistry()
-        self.requests = Counter("longvita_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                registry=registry)
-        self.errors = Counter("longvita_request_errors", "Requests answered with a 4xx/5xx", ["endpoint", "status"],
-                              registry=registry)
-        self.cancelled = Counter("longvita_requests_cancelled", "Generations cancelled (client gone, timeout)",
-                                 registry=registry)
+        self.requests = Counter(
+            "longvita_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=registry
+        )
+        self.errors = Counter(
+            "longvita_request_errors", "Requests answered with a 4xx/5xx", ["endpoint", "status"], registry=registry
+        )
+        self.cancelled = Counter(
+            "longvita_requests_cancelled", "Generations cancelled (client gone, timeout)", registry=registry
+        )
         self.prompt_tokens = Counter("longvita_prompt_tokens", "Prompt tokens (media included)", registry=registry)
         self.generated_tokens = Counter("longvita_generation_tokens", "Generated tokens", registry=registry)
-        self.decode_steps = Counter("longvita_decode_steps", "Engine steps (one new token per running row)",
-                                    registry=registry)
+        self.decode_steps = Counter(
+            "longvita_decode_steps", "Engine steps (one new token per running row)", registry=registry
+        )
         self.queue_depth = Gauge("longvita_queue_depth", "Requests waiting for a batch", registry=registry)
         self.queue_depth.set_function(lambda: len(scheduler))
         self.running = Gauge("longvita_running_requests", "Requests in the engine or waiting", registry=registry)
-        self.latency = Histogram("longvita_request_latency_seconds", "Request latency, end to end",
-                                 buckets=LATENCY_BUCKETS, registry=registry)
-        self.first_token = Histogram("longvita_time_to_first_token_seconds", "Time to the first generated token",
-                                     buckets=LATENCY_BUCKETS, registry=registry)
-        self.batch_size = Histogram("longvita_batch_size", "Requests per engine batch",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
+        self.latency = Histogram(
+            "longvita_request_latency_seconds",
+            "Request latency, end to end",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.first_token = Histogram(
+            "longvita_time_to_first_token_seconds",
+            "Time to the first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "longvita_batch_size", "Requests per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry
+        )
 
     def count(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -70,15 +84,18 @@ class ServerOptions:
 
 
 def _openai_error(error: RequestError) -> JSONResponse:
-    return JSONResponse({"error": {"message": error.message, "type": error.kind, "param": error.param,
-                                   "code": error.status}}, status_code=error.status)
+    return JSONResponse(
+        {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.status}},
+        status_code=error.status,
+    )
 
 
 async def _read_json(request: Request, limit: int) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes "
-                                f"(--max-request-bytes)")
+        raise RequestError(
+            413, f"request body of {declared} bytes exceeds the limit of {limit} bytes (--max-request-bytes)"
+        )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -104,8 +121,13 @@ class _JobStream(StreamingResponse):
             self.on_close()
 
 
-def build_app(options: ServerOptions, scheduler: Scheduler, builder: PromptBuilder, metrics: Metrics,
-              engine_alive: Callable[[], bool]) -> FastAPI:
+def build_app(
+    options: ServerOptions,
+    scheduler: Scheduler,
+    builder: PromptBuilder,
+    metrics: Metrics,
+    engine_alive: Callable[[], bool],
+) -> FastAPI:
     app = FastAPI(title="megatron-longvita", docs_url=None, redoc_url=None, openapi_url=None)
     tokenizer = builder.tokenizer
     eos_id = tokenizer.ids["<|im_end|>"]
@@ -116,13 +138,22 @@ def build_app(options: ServerOptions, scheduler: Scheduler, builder: PromptBuild
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), options.api_key.encode()):
-            raise RequestError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                               kind="authentication_error")
+            raise RequestError(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", kind="authentication_error"
+            )
 
     async def submit(chat: ChatRequest) -> Job:
         prompt, max_tokens = await run_in_threadpool(builder.build, chat)
-        job = Job(prompt, max_tokens, chat.sampling, chat.stop, chat.ignore_eos, tokenizer.decode, eos_id,
-                  asyncio.get_running_loop())
+        job = Job(
+            prompt,
+            max_tokens,
+            chat.sampling,
+            chat.stop,
+            chat.ignore_eos,
+            tokenizer.decode,
+            eos_id,
+            asyncio.get_running_loop(),
+        )
         try:
             scheduler.submit(job)
         except RuntimeError as error:
@@ -159,8 +190,11 @@ def build_app(options: ServerOptions, scheduler: Scheduler, builder: PromptBuild
                 event = await next_event(job, min(deadline, time.monotonic() + 0.5))
             except TimeoutError:
                 if time.monotonic() >= deadline:
-                    raise RequestError(504, f"generation did not finish within {options.request_timeout_s:g} s "
-                                            f"(--request-timeout)", kind="timeout_error") from None
+                    raise RequestError(
+                        504,
+                        f"generation did not finish within {options.request_timeout_s:g} s (--request-timeout)",
+                        kind="timeout_error",
+                    ) from None
                 if await request.is_disconnected():
                     raise RequestError(499, "client disconnected") from None
                 continue
@@ -173,16 +207,23 @@ def build_app(options: ServerOptions, scheduler: Scheduler, builder: PromptBuild
 
     def usage(job: Job) -> dict[str, int]:
         prompt_tokens, completion_tokens = len(job.prompt.tokens), len(job.ids)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
     async def stream(job: Job, chat: ChatRequest, deadline: float) -> AsyncIterator[str]:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta: dict, finish_reason: Optional[str] = None) -> str:
-            body = {"id": ident, "object": "chat.completion.chunk", "created": created,
-                    "model": options.served_model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            body = {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": options.served_model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            }
             if chat.include_usage:
                 body["usage"] = None
             return f"data: {json.dumps(body)}\n\n"
@@ -193,16 +234,21 @@ def build_app(options: ServerOptions, scheduler: Scheduler, builder: PromptBuild
                 event = await next_event(job, deadline)
             except TimeoutError:
                 job.cancelled = True
-                event = Event("error", f"generation did not finish within {options.request_timeout_s:g} s",
-                              status=504)
+                event = Event("error", f"generation did not finish within {options.request_timeout_s:g} s", status=504)
             if event.kind == "text":
                 yield chunk({"content": event.text})
                 continue
             if event.kind == "done":
                 yield chunk({}, event.finish_reason)
                 if chat.include_usage:
-                    final = {"id": ident, "object": "chat.completion.chunk", "created": created,
-                             "model": options.served_model_name, "choices": [], "usage": usage(job)}
+                    final = {
+                        "id": ident,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": options.served_model_name,
+                        "choices": [],
+                        "usage": usage(job),
+                    }
                     yield f"data: {json.dumps(final)}\n\n"
             else:
                 error = {"message": event.text, "type": "server_error", "param": None, "code": event.status}
@@ -225,8 +271,11 @@ def build_app(options: ServerOptions, scheduler: Scheduler, builder: PromptBuild
         try:
             authorise(request)
             with scheduler.preparing():
-                chat = parse_chat_request(await _read_json(request, options.max_request_bytes),
-                                          options.served_model_name, options.allowed_media_root)
+                chat = parse_chat_request(
+                    await _read_json(request, options.max_request_bytes),
+                    options.served_model_name,
+                    options.allowed_media_root,
+                )
                 job = await submit(chat)
             deadline = started + options.request_timeout_s
             if chat.stream:
@@ -240,11 +289,16 @@ def build_app(options: ServerOptions, scheduler: Scheduler, builder: PromptBuild
             return _openai_error(error)
         settle(job, started)
         metrics.count(endpoint, 200)
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": options.served_model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish_reason}],
-                "usage": usage(job)}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": options.served_model_name,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+            ],
+            "usage": usage(job),
+        }
 
     @app.put("/api")
     async def reference_api(request: Request):
@@ -254,8 +308,9 @@ def build_app(options: ServerOptions, scheduler: Scheduler, builder: PromptBuild
         try:
             authorise(request)
             with scheduler.preparing():
-                chats = parse_reference_request(await _read_json(request, options.max_request_bytes),
-                                                options.allowed_media_root)
+                chats = parse_reference_request(
+                    await _read_json(request, options.max_request_bytes), options.allowed_media_root
+                )
                 for chat in chats:
                     jobs.append(await submit(chat))
             deadline = started + options.request_timeout_s
@@ -273,8 +328,18 @@ def build_app(options: ServerOptions, scheduler: Scheduler, builder: PromptBuild
     @app.get("/v1/models")
     async def models(request: Request):
         authorise(request)
-        return {"object": "list", "data": [{"id": options.served_model_name, "object": "model", "created": 0,
-                                            "owned_by": "megatron-longvita", "max_model_len": options.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": options.served_model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "megatron-longvita",
+                    "max_model_len": options.max_model_len,
+                }
+            ],
+        }
 
     @app.get("/health")
     async def health():

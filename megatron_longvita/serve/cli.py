@@ -39,16 +39,30 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default="long-vita", help="the 'model' clients must name")
-    parser.add_argument("--api-key", default=os.environ.get("LONGVITA_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $LONGVITA_API_KEY, else none)")
-    parser.add_argument("--allowed-media-root", default=None,
-                        help="directory local media paths may point into (default: base64 data URLs only)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("LONGVITA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $LONGVITA_API_KEY, else none)",
+    )
+    parser.add_argument(
+        "--allowed-media-root",
+        default=None,
+        help="directory local media paths may point into (default: base64 data URLs only)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests per engine batch")
-    parser.add_argument("--batch-gather-ms", type=float, default=100.0,
-                        help="how long a short batch waits for requests being prepared and for the clients "
-                             "of the batch that just ended")
-    parser.add_argument("--max-model-len", type=int, default=None,
-                        help="prompt + generated tokens per request (default: the checkpoint's max positions)")
+    parser.add_argument(
+        "--batch-gather-ms",
+        type=float,
+        default=100.0,
+        help="how long a short batch waits for requests being prepared and for the clients "
+        "of the batch that just ended",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="prompt + generated tokens per request (default: the checkpoint's max positions)",
+    )
     parser.add_argument("--max-num-frames", type=int, default=None, help="frames sampled per video by default")
     parser.add_argument("--max-request-bytes", type=int, default=64 * 2**20, help="request body limit")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
@@ -66,8 +80,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def _max_model_len(args: argparse.Namespace, max_positions: int) -> int:
     limit = max_positions if args.rope_scaling is None else int(max_positions * args.rope_scaling_factor)
     if args.max_model_len is not None and args.max_model_len > limit:
-        raise SystemExit(f"--max-model-len {args.max_model_len} exceeds the checkpoint's {max_positions} positions"
-                         + ("" if args.rope_scaling else " (extend them with --rope-scaling)"))
+        raise SystemExit(
+            f"--max-model-len {args.max_model_len} exceeds the checkpoint's {max_positions} positions"
+            + ("" if args.rope_scaling else " (extend them with --rope-scaling)")
+        )
     return args.max_model_len or limit
 
 
@@ -82,24 +98,37 @@ def _start_http(args: argparse.Namespace, max_model_len: int, stopping: threadin
 
     model_config, _ = load_model_config(args.load)
     frames = {} if args.max_num_frames is None else {"max_num_frames": args.max_num_frames}
-    builder = PromptBuilder(ChatTokenizer.from_dir(args.tokenizer), MediaConfig.from_model_config(model_config,
-                                                                                                 **frames),
-                            max_model_len)
+    builder = PromptBuilder(
+        ChatTokenizer.from_dir(args.tokenizer), MediaConfig.from_model_config(model_config, **frames), max_model_len
+    )
     scheduler = Scheduler(args.max_batch_size, args.batch_gather_ms / 1e3)
     metrics = Metrics(scheduler)
-    options = ServerOptions(args.served_model_name, args.api_key, args.allowed_media_root, args.max_request_bytes,
-                            args.request_timeout, max_model_len)
+    options = ServerOptions(
+        args.served_model_name,
+        args.api_key,
+        args.allowed_media_root,
+        args.max_request_bytes,
+        args.request_timeout,
+        max_model_len,
+    )
     app = build_app(options, scheduler, builder, metrics, engine_alive=lambda: not stopping.is_set())
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    )
     thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()
     while not server.started and thread.is_alive():
         time.sleep(0.05)
     if not server.started:
         raise SystemExit(f"the HTTP server could not start on {args.host}:{args.port} (see the log above)")
-    logger.info("serving %r on http://%s:%d (TP=%d, CP=%d)", args.served_model_name, args.host, args.port,
-                args.parallel.tensor_model_parallel_size, args.parallel.context_parallel_size)
+    logger.info(
+        "serving %r on http://%s:%d (TP=%d, CP=%d)",
+        args.served_model_name,
+        args.host,
+        args.port,
+        args.parallel.tensor_model_parallel_size,
+        args.parallel.context_parallel_size,
+    )
     return builder, scheduler, metrics, server, thread
 
 
@@ -125,9 +154,16 @@ def main(argv: Optional[list[str]] = None) -> None:
             builder, scheduler, metrics, server, thread = _start_http(args, max_model_len, stopping)
             tokenizer = builder.tokenizer
             try:
-                engine_loop(engine, channel, scheduler, tokenizer.ids["<|im_end|>"], tokenizer.pad_id,
-                            stopping=lambda: stopping.is_set() or not thread.is_alive(),
-                            on_batch=metrics.batch_size.observe, on_step=metrics.decode_steps.inc)
+                engine_loop(
+                    engine,
+                    channel,
+                    scheduler,
+                    tokenizer.ids["<|im_end|>"],
+                    tokenizer.pad_id,
+                    stopping=lambda: stopping.is_set() or not thread.is_alive(),
+                    on_batch=metrics.batch_size.observe,
+                    on_step=metrics.decode_steps.inc,
+                )
             finally:
                 stopping.set()
                 for job in scheduler.close():
@@ -137,4 +173,3 @@ def main(argv: Optional[list[str]] = None) -> None:
         logger.info("stopped cleanly")
     finally:
         destroy_distributed()
-

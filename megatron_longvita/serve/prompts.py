@@ -25,8 +25,9 @@ class PromptBuilder:
 
     def build(self, request: ChatRequest) -> tuple[GenerationRequest, int]:
         """(prompt, max new tokens); RequestError for undecodable media or too long a request."""
-        media = self.media if request.max_num_frames is None else replace(self.media,
-                                                                           max_num_frames=request.max_num_frames)
+        media = (
+            self.media if request.max_num_frames is None else replace(self.media, max_num_frames=request.max_num_frames)
+        )
         with tempfile.TemporaryDirectory(prefix="longvita-request-") as scratch:
             labels: dict[str, str] = {}  # scratch file -> what the client sent, for error messages
 
@@ -54,15 +55,21 @@ class PromptBuilder:
         room = self.max_model_len - len(tokens)
         max_tokens = request.max_tokens if request.max_tokens is not None else room
         if max_tokens > room or room < 1:
-            raise RequestError(400, f"this model's maximum context length is {self.max_model_len} tokens; the "
-                                    f"request has {len(tokens)} prompt tokens (media included) and asks for "
-                                    f"{max_tokens} new tokens", "max_tokens" if room >= 1 else "messages")
+            raise RequestError(
+                400,
+                f"this model's maximum context length is {self.max_model_len} tokens; the "
+                f"request has {len(tokens)} prompt tokens (media included) and asks for "
+                f"{max_tokens} new tokens",
+                "max_tokens" if room >= 1 else "messages",
+            )
         pixel_values = built.pixel_values if len(built.pixel_values) else None
         return GenerationRequest(tokens, pixel_values), max_tokens
 
 
 def default_max_model_len(model_max_positions: int, override: Optional[int]) -> int:
     if override is not None and override > model_max_positions:
-        raise ValueError(f"--max-model-len {override} exceeds the checkpoint's max_position_embeddings "
-                         f"{model_max_positions} (use --rope-scaling to extend it)")
+        raise ValueError(
+            f"--max-model-len {override} exceeds the checkpoint's max_position_embeddings "
+            f"{model_max_positions} (use --rope-scaling to extend it)"
+        )
     return override or model_max_positions

@@ -64,8 +64,9 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, required: bool = False,
-         where: str = "") -> Any:
+def _get(
+    body: dict, name: str, kinds: tuple[type, ...], default: Any = None, required: bool = False, where: str = ""
+) -> Any:
     """``body[name]`` if of one of ``kinds`` (bool is not an int here), else a 400 naming it."""
     path = f"{where}{name}"
     if name not in body or body[name] is None:
@@ -86,9 +87,20 @@ def _positive_int(body: dict, name: str, default: Optional[int] = None) -> Optio
     return value
 
 
-_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/webp": ".webp",
-             "image/gif": ".gif", "image/bmp": ".bmp", "video/mp4": ".mp4", "video/webm": ".webm",
-             "video/x-matroska": ".mkv", "video/quicktime": ".mov", "video/avi": ".avi", "video/x-msvideo": ".avi"}
+_SUFFIXES = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/jpg": ".jpg",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+    "image/bmp": ".bmp",
+    "video/mp4": ".mp4",
+    "video/webm": ".webm",
+    "video/x-matroska": ".mkv",
+    "video/quicktime": ".mov",
+    "video/avi": ".avi",
+    "video/x-msvideo": ".avi",
+}
 
 
 def decode_base64(data: str, param: str) -> bytes:
@@ -101,8 +113,12 @@ def decode_base64(data: str, param: str) -> bytes:
 def local_media_path(path: str, media_root: Optional[str], param: str) -> str:
     """A local file or frame directory, allowed only inside ``media_root`` (symlinks resolved)."""
     if media_root is None:
-        raise RequestError(400, f"'{param}': local media paths are disabled; send a base64 data: URL or start "
-                                f"the server with --allowed-media-root", param)
+        raise RequestError(
+            400,
+            f"'{param}': local media paths are disabled; send a base64 data: URL or start "
+            f"the server with --allowed-media-root",
+            param,
+        )
     root = os.path.realpath(media_root)
     resolved = os.path.realpath(path if os.path.isabs(path) else os.path.join(root, path))
     if os.path.commonpath([root, resolved]) != root:
@@ -118,7 +134,7 @@ def parse_media_url(url: str, kind: str, media_root: Optional[str], param: str) 
         header, sep, data = url[5:].partition(",")
         if not sep or not header.endswith(";base64"):
             raise RequestError(400, f"'{param}': a data: URL must look like data:{kind}/<type>;base64,<data>", param)
-        mime = header[:-len(";base64")].lower()
+        mime = header[: -len(";base64")].lower()
         if not mime.startswith(f"{kind}/"):
             raise RequestError(400, f"'{param}': expected a {kind}/* data URL, got {mime or 'no MIME type'}", param)
         return MediaBytes(decode_base64(data, param), _SUFFIXES.get(mime, ""))
@@ -132,14 +148,14 @@ def parse_media_url(url: str, kind: str, media_root: Optional[str], param: str) 
     return local_media_path(url, media_root, param)
 
 
-def _content_text(content: Any, where: str, images: list[Media], videos: list[Media],
-                  media_root: Optional[str]) -> str:
+def _content_text(content: Any, where: str, images: list[Media], videos: list[Media], media_root: Optional[str]) -> str:
     """A message's content (a string or a list of parts) as text with media placeholders."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise RequestError(400, f"'{where}' must be a string or a list of content parts, got {_type_name(content)}",
-                           where)
+        raise RequestError(
+            400, f"'{where}' must be a string or a list of content parts, got {_type_name(content)}", where
+        )
     text = []
     for index, part in enumerate(content):
         param = f"{where}[{index}]"
@@ -163,8 +179,9 @@ def _content_text(content: Any, where: str, images: list[Media], videos: list[Me
                 videos.append(parse_media_url(url, "video", media_root, f"{param}.video_url.url"))
                 text.append(f"{VIDEO_PLACEHOLDER}\n")
         else:
-            raise RequestError(400, f"'{param}.type' {kind!r} is not supported; use text, image_url or video_url",
-                               f"{param}.type")
+            raise RequestError(
+                400, f"'{param}.type' {kind!r} is not supported; use text, image_url or video_url", f"{param}.type"
+            )
     return "".join(text)
 
 
@@ -172,8 +189,11 @@ def _stop(body: dict) -> tuple[str, ...]:
     stop = _get(body, "stop", (str, list), ())
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > MAX_STOP_SEQUENCES or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP_SEQUENCES} "
-                                f"non-empty strings", "stop")
+        raise RequestError(
+            400,
+            f"'stop' must be a non-empty string or a list of at most {MAX_STOP_SEQUENCES} non-empty strings",
+            "stop",
+        )
     return tuple(stop)
 
 
@@ -198,8 +218,9 @@ def parse_chat_request(body: Any, served_model_name: str, media_root: Optional[s
         raise RequestError(400, f"the request body must be a JSON object, got {_type_name(body)}")
     model = _get(body, "model", (str,), required=True)
     if model != served_model_name:
-        raise RequestError(404, f"model {model!r} does not exist; this server serves {served_model_name!r}",
-                           "model", "not_found_error")
+        raise RequestError(
+            404, f"model {model!r} does not exist; this server serves {served_model_name!r}", "model", "not_found_error"
+        )
     raw_messages = _get(body, "messages", (list,), required=True)
     if not raw_messages:
         raise RequestError(400, "'messages' must not be empty", "messages")
@@ -214,21 +235,32 @@ def parse_chat_request(body: Any, served_model_name: str, media_root: Optional[s
             raise RequestError(400, f"'{where}' must be an object, got {_type_name(message)}", where)
         role = _get(message, "role", (str,), required=True, where=f"{where}.")
         if role not in ("system", "user", "assistant"):
-            raise RequestError(400, f"'{where}.role' {role!r} is not supported; use system, user or assistant",
-                               f"{where}.role")
+            raise RequestError(
+                400, f"'{where}.role' {role!r} is not supported; use system, user or assistant", f"{where}.role"
+            )
         if "content" not in message:
             raise RequestError(400, f"'{where}.content' is required", f"{where}.content")
-        messages.append({"role": role, "content": _content_text(message["content"], f"{where}.content", images,
-                                                                videos, media_root)})
+        messages.append(
+            {"role": role, "content": _content_text(message["content"], f"{where}.content", images, videos, media_root)}
+        )
     max_tokens = _positive_int(body, "max_completion_tokens", _positive_int(body, "max_tokens"))
     stream = _get(body, "stream", (bool,), False)
     options = _get(body, "stream_options", (dict,), {})
     include_usage = _get(options, "include_usage", (bool,), False, where="stream_options.")
     if options and not stream:
         raise RequestError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
-    return ChatRequest(messages, images, videos, max_tokens, _sampling(body), _stop(body),
-                       _get(body, "ignore_eos", (bool,), False), _positive_int(body, "max_num_frames"),
-                       stream, include_usage)
+    return ChatRequest(
+        messages,
+        images,
+        videos,
+        max_tokens,
+        _sampling(body),
+        _stop(body),
+        _get(body, "ignore_eos", (bool,), False),
+        _positive_int(body, "max_num_frames"),
+        stream,
+        include_usage,
+    )
 
 
 def parse_reference_request(body: Any, media_root: Optional[str]) -> list[ChatRequest]:
@@ -249,11 +281,24 @@ def parse_reference_request(body: Any, media_root: Optional[str]) -> list[ChatRe
         values = _get(body, name, (list,), [])
         if not all(isinstance(v, str) for v in values):
             raise RequestError(400, f"'{name}' must be a list of strings", name)
-    images: list[Media] = [local_media_path(p, media_root, f"image_path_list[{i}]")
-                           for i, p in enumerate(body.get("image_path_list") or [])]
+    images: list[Media] = [
+        local_media_path(p, media_root, f"image_path_list[{i}]")
+        for i, p in enumerate(body.get("image_path_list") or [])
+    ]
     images += [MediaBytes(decode_base64(s, f"image_list[{i}]"), "") for i, s in enumerate(body.get("image_list") or [])]
-    videos: list[Media] = [local_media_path(p, media_root, f"video_path_list[{i}]")
-                           for i, p in enumerate(body.get("video_path_list") or [])]
+    videos: list[Media] = [
+        local_media_path(p, media_root, f"video_path_list[{i}]")
+        for i, p in enumerate(body.get("video_path_list") or [])
+    ]
     frames = _positive_int(body, "max_num_frame")
-    return [ChatRequest([{"role": "user", "content": prompt}], list(images), list(videos), tokens,
-                        Sampling(temperature=0.0), max_num_frames=frames) for prompt in prompts]
+    return [
+        ChatRequest(
+            [{"role": "user", "content": prompt}],
+            list(images),
+            list(videos),
+            tokens,
+            Sampling(temperature=0.0),
+            max_num_frames=frames,
+        )
+        for prompt in prompts
+    ]

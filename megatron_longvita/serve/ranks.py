@@ -16,8 +16,9 @@ import datetime
 import logging
 import random
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -67,13 +68,21 @@ class _BatchDone(Exception):
 def batch_config(jobs: Sequence[Job], eos_id: int, pad_id: int) -> GenerationConfig:
     s = jobs[0].sampling  # the batch key makes these the same for all rows
     seed = s.seed if s.seed is not None else random.randrange(2**31)
-    return GenerationConfig(max_new_tokens=max(job.max_tokens for job in jobs),
-                            sampling=SamplingConfig(s.temperature, s.top_k, s.top_p, seed),
-                            stop_token_ids=() if jobs[0].ignore_eos else (eos_id,), pad_token_id=pad_id)
+    return GenerationConfig(
+        max_new_tokens=max(job.max_tokens for job in jobs),
+        sampling=SamplingConfig(s.temperature, s.top_k, s.top_p, seed),
+        stop_token_ids=() if jobs[0].ignore_eos else (eos_id,),
+        pad_token_id=pad_id,
+    )
 
 
-def run_batch(engine: InferenceEngine, channel: ControlChannel, batch: Batch, jobs: Optional[list[Job]],
-              on_step: Callable[[], None] = lambda: None) -> None:
+def run_batch(
+    engine: InferenceEngine,
+    channel: ControlChannel,
+    batch: Batch,
+    jobs: Optional[list[Job]],
+    on_step: Callable[[], None] = lambda: None,
+) -> None:
     """Run one batch on this rank; ``jobs`` (rank 0 only) get the tokens and the outcome."""
 
     def on_tokens(new: list[Optional[int]]) -> None:
@@ -97,22 +106,34 @@ def run_batch(engine: InferenceEngine, channel: ControlChannel, batch: Batch, jo
         pass
     except Exception as exc:  # noqa: BLE001 - reported to the clients, the ranks carry on
         error = exc
-        logger.error("rank %d: engine failed on a batch of %d:\n%s", channel.rank, len(batch.prompts),
-                     traceback.format_exc())
+        logger.error(
+            "rank %d: engine failed on a batch of %d:\n%s", channel.rank, len(batch.prompts), traceback.format_exc()
+        )
     failed = channel.any(error is not None)
     if jobs is None:
         return
     for job in jobs:
         if failed and job.finish_reason is None and not job.cancelled:
-            job.fail(500, f"the engine failed on this request: {error!r}" if error is not None
-                     else "the engine failed on another rank (see the server log)")
+            job.fail(
+                500,
+                f"the engine failed on this request: {error!r}"
+                if error is not None
+                else "the engine failed on another rank (see the server log)",
+            )
         else:
             job.finish()
 
 
-def engine_loop(engine: InferenceEngine, channel: ControlChannel, scheduler: Optional[Scheduler], eos_id: int,
-                pad_id: int, stopping: Callable[[], bool], on_batch: Callable[[int], None] = lambda size: None,
-                on_step: Callable[[], None] = lambda: None) -> None:
+def engine_loop(
+    engine: InferenceEngine,
+    channel: ControlChannel,
+    scheduler: Optional[Scheduler],
+    eos_id: int,
+    pad_id: int,
+    stopping: Callable[[], bool],
+    on_batch: Callable[[int], None] = lambda size: None,
+    on_step: Callable[[], None] = lambda: None,
+) -> None:
     """Serve until rank 0 says shutdown. ``scheduler`` only on rank 0."""
     while True:
         jobs: list[Job] = []

@@ -16,8 +16,9 @@ import collections
 import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 from megatron_longvita.inference import GenerationRequest
 from megatron_longvita.serve.protocol import Sampling
@@ -34,8 +35,17 @@ class Event:
 class Job:
     """One request's generation; token handling runs on the engine thread."""
 
-    def __init__(self, prompt: GenerationRequest, max_tokens: int, sampling: Sampling, stop: tuple[str, ...],
-                 ignore_eos: bool, decode: Callable[[list[int]], str], eos_id: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        prompt: GenerationRequest,
+        max_tokens: int,
+        sampling: Sampling,
+        stop: tuple[str, ...],
+        ignore_eos: bool,
+        decode: Callable[[list[int]], str],
+        eos_id: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.prompt, self.max_tokens, self.sampling, self.stop = prompt, max_tokens, sampling, stop
         self.ignore_eos, self.decode, self.eos_id = ignore_eos, decode, eos_id
         self.loop = loop
@@ -95,11 +105,14 @@ class Job:
 
     def _send_text(self, final: bool) -> None:
         # hold back a tail that may still grow into a stop string
-        held = 0 if final else max((k for s in self.stop for k in range(len(s) - 1, 0, -1)
-                                    if self.text.endswith(s[:k])), default=0)
+        held = (
+            0
+            if final
+            else max((k for s in self.stop for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])), default=0)
+        )
         end = len(self.text) - held
         if end > self.sent:
-            self._emit(Event("text", self.text[self.sent:end]))
+            self._emit(Event("text", self.text[self.sent : end]))
             self.sent = end
 
     def finish(self) -> None:
@@ -168,14 +181,18 @@ class Scheduler:
             # prepared and for the clients of the batch that just ended, instead of settling
             # into two half batches that alternate.
             deadline = time.monotonic() + self.gather_s
-            while ((self._preparing or self._submitted_since < self._last_batch_size) and not self.closed
-                   and time.monotonic() < deadline
-                   and sum(job.batch_key == key for job in self._waiting) < self.max_batch_size):
+            while (
+                (self._preparing or self._submitted_since < self._last_batch_size)
+                and not self.closed
+                and time.monotonic() < deadline
+                and sum(job.batch_key == key for job in self._waiting) < self.max_batch_size
+            ):
                 self._ready.wait(deadline - time.monotonic())
             batch, rest = [], collections.deque()
             for job in self._waiting:
-                (batch if job.batch_key == key and len(batch) < self.max_batch_size and not job.cancelled
-                 else rest).append(job)
+                (
+                    batch if job.batch_key == key and len(batch) < self.max_batch_size and not job.cancelled else rest
+                ).append(job)
             self._waiting = collections.deque(job for job in rest if not job.cancelled)
             return batch
 

@@ -16,14 +16,13 @@ import io
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from megatron_longvita.config.parallel import ParallelConfig
 from megatron_longvita.platform import initialize_distributed
 from tests.harness import run_distributed
-from tests.references import STEPS, TOLERANCE, comparable_tokens, prompts, transformers_greedy
+from tests.references import STEPS, TOLERANCE, comparable_tokens, prompts, tiny_chat_tokenizer, transformers_greedy
 
 SAMPLING = dict(temperature=0.9, top_k=40, top_p=0.95, seed=7)
 
@@ -173,29 +172,6 @@ def test_rope_scaling_matches_transformers(converted, tmp_path) -> None:
             engine_results, 2, str(root / "mcore"), [ParallelConfig(context_parallel_size=2)], ours
         ):
             _assert_matches(reference, rank_results[0], f"{name} RoPE scaling, CP=2")
-
-
-def tiny_chat_tokenizer(directory: str) -> str:
-    """A byte-level BPE of 278 tokens, so that the Long-VITA specials land on the tiny model's
-    placeholder ids (<IMG_CONTEXT> = 280)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from megatron_longvita.data import ChatTokenizer
-    from tests.unit.data.factories import WORDS
-
-    rng = np.random.default_rng(0)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=278,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator([" ".join(rng.choice(WORDS, size=12)) + "\n" for _ in range(400)], trainer)
-    tokenizer.save(os.path.join(directory, "tokenizer.json"))
-    assert ChatTokenizer.from_dir(directory).context_token_ids == (280, 286, 283)
-    return directory
 
 
 def generate_cli(argv: list[str]) -> str:

@@ -29,11 +29,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.distributed import test_model_parity
-from tests.distributed.test_inference import tiny_chat_tokenizer
 from tests.harness import free_port, run_distributed
+from tests.references import tiny_chat_tokenizer
 
-converted = test_model_parity.converted
 API_KEY = "test-key"
 MODEL = "tiny-long-vita"
 MAX_TOKENS = 6
@@ -53,9 +51,14 @@ def assets(converted, tmp_path_factory):
     directory = tmp_path_factory.mktemp("serve")
     media = directory / "media"
     media.mkdir()
-    assets = {"load": str(root / "mcore"), "tokenizer": tiny_chat_tokenizer(str(directory)),
-              "media": str(media), "image": make_image(str(media / "a.png"), 90, 60),
-              "video": make_video(str(media / "clip.mp4"), 12), "dir": directory}
+    assets = {
+        "load": str(root / "mcore"),
+        "tokenizer": tiny_chat_tokenizer(str(directory)),
+        "media": str(media),
+        "image": make_image(str(media / "a.png"), 90, 60),
+        "video": make_video(str(media / "clip.mp4"), 12),
+        "dir": directory,
+    }
     [assets["reference"]] = run_distributed(generate_answers, 1, assets, str(directory))
     return assets
 
@@ -65,8 +68,10 @@ def generate_answers(assets: dict, out_dir: str) -> dict:
     from megatron_longvita import generate
 
     common = ["--load", assets["load"], "--tokenizer", assets["tokenizer"], "--max-new-tokens", str(MAX_TOKENS)]
-    cases = {"image": [IMAGE_QUESTION, "--image", assets["image"]],
-             "video": [VIDEO_QUESTION, "--video", assets["video"], "--max-num-frames", "2"]}
+    cases = {
+        "image": [IMAGE_QUESTION, "--image", assets["image"]],
+        "video": [VIDEO_QUESTION, "--video", assets["video"], "--max-num-frames", "2"],
+    }
     answers = {}
     for name, (question, *media) in cases.items():
         output = os.path.join(out_dir, f"{name}.json")
@@ -82,15 +87,43 @@ class Server:
 
     def __init__(self, assets: dict, nproc: int, tp: int, cp: int, log: Path) -> None:
         self.port, self.log = free_port(), log
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                   "-m", "megatron_longvita.serve", "--load", assets["load"], "--tokenizer", assets["tokenizer"],
-                   "--tp", str(tp), "--cp", str(cp), "--port", str(self.port), "--served-model-name", MODEL,
-                   "--api-key", API_KEY, "--allowed-media-root", assets["media"],
-                   "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-batch-size", "8"]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "megatron_longvita.serve",
+            "--load",
+            assets["load"],
+            "--tokenizer",
+            assets["tokenizer"],
+            "--tp",
+            str(tp),
+            "--cp",
+            str(cp),
+            "--port",
+            str(self.port),
+            "--served-model-name",
+            MODEL,
+            "--api-key",
+            API_KEY,
+            "--allowed-media-root",
+            assets["media"],
+            "--max-request-bytes",
+            str(MAX_REQUEST_BYTES),
+            "--max-batch-size",
+            "8",
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "LONGVITA_PLATFORM": "cpu", "PYTHONWARNINGS": "ignore"}
-        self.process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                                        cwd=Path(__file__).resolve().parents[2])
+        self.process = subprocess.Popen(
+            command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[2]
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + STARTUP_S
         while True:
@@ -111,11 +144,18 @@ class Server:
 
         return OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=REQUEST_S, **options)
 
-    def request(self, method: str, path: str, body: bytes | dict | None = None, key: str | None = API_KEY,
-                headers: dict | None = None) -> tuple[int, bytes]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | dict | None = None,
+        key: str | None = API_KEY,
+        headers: dict | None = None,
+    ) -> tuple[int, bytes]:
         data = json.dumps(body).encode() if isinstance(body, dict) else body
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json", **(headers or {})})
+        request = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+        )
         if key is not None:
             request.add_header("Authorization", f"Bearer {key}")
         try:
@@ -159,23 +199,31 @@ def _data_url(path: str, mime: str) -> str:
 def chat_messages(assets: dict, name: str) -> list[dict]:
     """The same prompt as the generate CLI's: the media part first, then the question."""
     if name == "image":
-        part, question = {"type": "image_url", "image_url": {"url": _data_url(assets["image"], "image/png")}}, \
-            IMAGE_QUESTION
+        part, question = (
+            {"type": "image_url", "image_url": {"url": _data_url(assets["image"], "image/png")}},
+            IMAGE_QUESTION,
+        )
     else:
-        part, question = {"type": "video_url", "video_url": {"url": _data_url(assets["video"], "video/mp4")}}, \
-            VIDEO_QUESTION
+        part, question = (
+            {"type": "video_url", "video_url": {"url": _data_url(assets["video"], "video/mp4")}},
+            VIDEO_QUESTION,
+        )
     return [{"role": "user", "content": [part, {"type": "text", "text": question}]}]
 
 
 def chat(server: Server, assets: dict, name: str, stream: bool) -> tuple[str, int, str]:
     """(text, completion tokens, finish reason) of a greedy chat through the openai client."""
     client = server.client()
-    options = dict(model=MODEL, messages=chat_messages(assets, name), max_tokens=MAX_TOKENS, temperature=0,
-                   extra_body={"max_num_frames": 2})
+    options = dict(
+        model=MODEL,
+        messages=chat_messages(assets, name),
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"max_num_frames": 2},
+    )
     if not stream:
         response = client.chat.completions.create(**options)
-        return response.choices[0].message.content, response.usage.completion_tokens, \
-            response.choices[0].finish_reason
+        return response.choices[0].message.content, response.usage.completion_tokens, response.choices[0].finish_reason
     text, usage, finish = [], None, None
     for chunk in client.chat.completions.create(**options, stream=True, stream_options={"include_usage": True}):
         if chunk.usage is not None:
@@ -230,16 +278,31 @@ def test_cp2_malformed_requests_get_4xx_and_the_server_keeps_serving(cp2_server,
         "wrong content type": (with_content(42), 400, "messages[0].content"),
         "missing messages": ({"model": MODEL}, 400, "'messages' is required"),
         "missing model": ({"messages": good["messages"]}, 400, "'model' is required"),
-        "undecodable image": (with_content([{"type": "image_url", "image_url": {
-            "url": f"data:image/png;base64,{garbage}"}}]), 400, "image #1"),
-        "undecodable video": (with_content([{"type": "video_url", "video_url": {
-            "url": f"data:video/mp4;base64,{garbage}"}}]), 400, "video #1"),
-        "bad base64": (with_content([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]), 400,
-                       "base64"),
-        "remote media": (with_content([{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]), 400,
-                         "remote"),
-        "outside media root": (with_content([{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]), 403,
-                               "outside --allowed-media-root"),
+        "undecodable image": (
+            with_content([{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{garbage}"}}]),
+            400,
+            "image #1",
+        ),
+        "undecodable video": (
+            with_content([{"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{garbage}"}}]),
+            400,
+            "video #1",
+        ),
+        "bad base64": (
+            with_content([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]),
+            400,
+            "base64",
+        ),
+        "remote media": (
+            with_content([{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]),
+            400,
+            "remote",
+        ),
+        "outside media root": (
+            with_content([{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]),
+            403,
+            "outside --allowed-media-root",
+        ),
         "prompt over the context": (with_content(long_text), 400, "maximum context length is 512"),
         "max_tokens over the context": ({**good, "max_tokens": 100000}, 400, "maximum context length"),
         "unknown model": ({**good, "model": "gpt-4"}, 404, "does not exist"),
@@ -263,19 +326,32 @@ def test_cp2_engine_exception_is_500_and_every_rank_serves_the_next(cp2_server, 
 
     client = cp2_server.client()
     with pytest.raises(InternalServerError, match="engine failed"):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=3,
-                                       temperature=1e-300)
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=3, temperature=1e-300
+        )
     assert_matches_generate(cp2_server, assets, "image", stream=False)
 
 
 def test_cp2_client_leaving_mid_stream_stops_its_generation(cp2_server) -> None:
-    steps_before, cancelled_before = (cp2_server.metric(f"longvita_{n}_total") for n in ("decode_steps",
-                                                                                           "requests_cancelled"))
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 480,
-                       "ignore_eos": True, "temperature": 0, "stream": True}).encode()
+    steps_before, cancelled_before = (
+        cp2_server.metric(f"longvita_{n}_total") for n in ("decode_steps", "requests_cancelled")
+    )
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 480,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+        }
+    ).encode()
     with socket.create_connection(("127.0.0.1", cp2_server.port), timeout=REQUEST_S) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         received = b""
         while received.count(b"data: ") < 4:  # the role chunk and a few tokens
             received += sock.recv(4096)
@@ -284,8 +360,11 @@ def test_cp2_client_leaving_mid_stream_stops_its_generation(cp2_server) -> None:
         assert time.monotonic() < deadline, "the server never noticed the client leave"
         time.sleep(0.2)
     # batches run one after another: once a later request is answered, the cancelled one has left the engine
-    status, _ = cp2_server.request("POST", "/v1/chat/completions", {
-        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    status, _ = cp2_server.request(
+        "POST",
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+    )
     assert status == 200
     steps = cp2_server.metric("longvita_decode_steps_total") - steps_before
     assert steps < 400, f"the engine ran {steps} of the 480 steps after the client left"
@@ -293,8 +372,11 @@ def test_cp2_client_leaving_mid_stream_stops_its_generation(cp2_server) -> None:
 
 def test_cp2_reference_api_models_health_metrics(cp2_server, assets) -> None:
     ids, expected = assets["reference"]["image"]
-    body = {"prompts": [f"<image>\n{IMAGE_QUESTION}"], "image_path_list": [assets["image"]],
-            "tokens_to_generate": MAX_TOKENS}
+    body = {
+        "prompts": [f"<image>\n{IMAGE_QUESTION}"],
+        "image_path_list": [assets["image"]],
+        "tokens_to_generate": MAX_TOKENS,
+    }
     status, payload = cp2_server.request("PUT", "/api", body)
     assert status == 200 and json.loads(payload) == {"text": [expected]}
     status, payload = cp2_server.request("PUT", "/api", {"tokens_to_generate": 4})
@@ -302,16 +384,26 @@ def test_cp2_reference_api_models_health_metrics(cp2_server, assets) -> None:
     assert [m.id for m in cp2_server.client().models.list().data] == [MODEL]
     assert cp2_server.request("GET", "/health", key=None) == (200, b'{"status":"ok"}')
     status, text = cp2_server.request("GET", "/metrics", key=None)
-    for name in ("longvita_requests_total", "longvita_request_errors_total", "longvita_queue_depth",
-                 "longvita_prompt_tokens_total", "longvita_generation_tokens_total",
-                 "longvita_request_latency_seconds_bucket", "longvita_time_to_first_token_seconds_bucket"):
+    for name in (
+        "longvita_requests_total",
+        "longvita_request_errors_total",
+        "longvita_queue_depth",
+        "longvita_prompt_tokens_total",
+        "longvita_generation_tokens_total",
+        "longvita_request_latency_seconds_bucket",
+        "longvita_time_to_first_token_seconds_bucket",
+    ):
         assert name in text.decode(), name
 
 
 def test_cp2_binds_127_0_0_1_by_default_and_sigterm_stops_all_ranks(cp2_server) -> None:
     ranks = psutil.Process(cp2_server.process.pid).children(recursive=True)
-    listening = [c.laddr for p in ranks for c in p.net_connections("tcp")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == cp2_server.port]
+    listening = [
+        c.laddr
+        for p in ranks
+        for c in p.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == cp2_server.port
+    ]
     assert listening and {address.ip for address in listening} == {"127.0.0.1"}
     cp2_server.stop()
 

@@ -18,8 +18,9 @@ def decode(ids: list[int]) -> str:
     return "".join(chr(ord("a") + i) for i in ids)
 
 
-def make_job(loop, max_tokens: int = 10, stop: tuple[str, ...] = (), sampling: Sampling = Sampling(0.0),
-             ignore_eos: bool = False) -> Job:
+def make_job(
+    loop, max_tokens: int = 10, stop: tuple[str, ...] = (), sampling: Sampling = Sampling(0.0), ignore_eos: bool = False
+) -> Job:
     return Job(GenerationRequest([1, 2, 3]), max_tokens, sampling, stop, ignore_eos, decode, EOS, loop)
 
 

@@ -48,10 +48,33 @@ def tiny_checkpoint(directory: str) -> tuple[str, str]:
 
 def start_server(args: argparse.Namespace, load: str, tokenizer: str, log_path: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.tp * args.cp),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "megatron_longvita.serve",
-               "--load", load, "--tokenizer", tokenizer, "--tp", str(args.tp), "--cp", str(args.cp),
-               "--port", str(port), "--served-model-name", MODEL, "--max-batch-size", str(args.clients)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(args.tp * args.cp),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "megatron_longvita.serve",
+        "--load",
+        load,
+        "--tokenizer",
+        tokenizer,
+        "--tp",
+        str(args.tp),
+        "--cp",
+        str(args.cp),
+        "--port",
+        str(port),
+        "--served-model-name",
+        MODEL,
+        "--max-batch-size",
+        str(args.clients),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     process = subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -85,13 +108,21 @@ def run_phase(url: str, requests: int, clients: int, max_tokens: int, image: str
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                             {"type": "text", "text": "what is shown in the image"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image}},
+                {"type": "text", "text": "what is shown in the image"},
+            ],
+        }
+    ]
 
     def one(_: int) -> tuple[float, int]:
         start = time.perf_counter()
-        response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
-                                                  temperature=0, extra_body={"ignore_eos": True})
+        response = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True}
+        )
         return time.perf_counter() - start, response.usage.completion_tokens
 
     latencies, tokens, failures = [], 0, 0
@@ -108,16 +139,25 @@ def run_phase(url: str, requests: int, clients: int, max_tokens: int, image: str
             tokens += generated
     wall = time.perf_counter() - start
     quantiles = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
-    return {"requests": requests, "clients": clients, "failed": failures, "wall_s": round(wall, 3),
-            "generated_tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
-            "latency_p50_s": round(quantiles[49], 3), "latency_p99_s": round(quantiles[98], 3)}
+    return {
+        "requests": requests,
+        "clients": clients,
+        "failed": failures,
+        "wall_s": round(wall, 3),
+        "generated_tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 1),
+        "latency_p50_s": round(quantiles[49], 3),
+        "latency_p99_s": round(quantiles[98], 3),
+    }
 
 
 def batch_sizes(url: str) -> dict:
     with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
         text = response.read().decode()
-    values = {name: float(re.search(rf"^longvita_batch_size_{name} ([0-9.e+]+)$", text, re.M).group(1))
-              for name in ("count", "sum")}
+    values = {
+        name: float(re.search(rf"^longvita_batch_size_{name} ([0-9.e+]+)$", text, re.M).group(1))
+        for name in ("count", "sum")
+    }
     return {"batches": int(values["count"]), "mean_batch_size": round(values["sum"] / max(values["count"], 1), 2)}
 
 
@@ -145,11 +185,17 @@ def main() -> None:
             process.send_signal(signal.SIGTERM)
             process.wait(120)
     batches = after["batches"] - before["batches"]
-    result = {"model": "tiny" if not args.load else args.load, "tp": args.tp, "cp": args.cp,
-              "max_tokens": args.max_tokens, "sequential": sequential, "concurrent": concurrent_,
-              "concurrent_batches": batches,
-              "concurrent_mean_batch_size": round(args.requests / max(batches, 1), 2),
-              "throughput_ratio": round(concurrent_["tokens_per_s"] / sequential["tokens_per_s"], 2)}
+    result = {
+        "model": "tiny" if not args.load else args.load,
+        "tp": args.tp,
+        "cp": args.cp,
+        "max_tokens": args.max_tokens,
+        "sequential": sequential,
+        "concurrent": concurrent_,
+        "concurrent_batches": batches,
+        "concurrent_mean_batch_size": round(args.requests / max(batches, 1), 2),
+        "throughput_ratio": round(concurrent_["tokens_per_s"] / sequential["tokens_per_s"], 2),
+    }
     print(json.dumps(result))
 
 
