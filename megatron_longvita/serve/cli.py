@@ -91,6 +91,7 @@ def _start_http(args: argparse.Namespace, max_model_len: int, stopping: threadin
     """Rank 0: the scheduler and the uvicorn server thread (started and listening on return)."""
     import uvicorn
 
+    from megatron_longvita.config.tokens import CONTEXT_TOKENS
     from megatron_longvita.data import ChatTokenizer, MediaConfig
     from megatron_longvita.serve.app import Metrics, ServerOptions, build_app
     from megatron_longvita.serve.prompts import PromptBuilder
@@ -98,8 +99,12 @@ def _start_http(args: argparse.Namespace, max_model_len: int, stopping: threadin
 
     model_config, _ = load_model_config(args.load)
     frames = {} if args.max_num_frames is None else {"max_num_frames": args.max_num_frames}
+    missing = tuple(token for token in CONTEXT_TOKENS if token not in model_config.context_tokens)
     builder = PromptBuilder(
-        ChatTokenizer.from_dir(args.tokenizer), MediaConfig.from_model_config(model_config, **frames), max_model_len
+        ChatTokenizer.from_dir(args.tokenizer),
+        MediaConfig.from_model_config(model_config, **frames),
+        max_model_len,
+        missing,
     )
     scheduler = Scheduler(args.max_batch_size, args.batch_gather_ms / 1e3)
     metrics = Metrics(scheduler)

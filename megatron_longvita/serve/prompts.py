@@ -20,11 +20,27 @@ from megatron_longvita.serve.protocol import ChatRequest, Media, MediaBytes, Req
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer: ChatTokenizer, media: MediaConfig, max_model_len: int) -> None:
+    def __init__(
+        self,
+        tokenizer: ChatTokenizer,
+        media: MediaConfig,
+        max_model_len: int,
+        missing_media_tokens: tuple[str, ...] = (),
+    ) -> None:
+        """``missing_media_tokens``: the context placeholders the model lacks (an InternVL conversion
+        puts every tile and frame on <IMG_CONTEXT>); requests with media are then refused."""
         self.tokenizer, self.media, self.max_model_len = tokenizer, media, max_model_len
+        self.missing_media_tokens = missing_media_tokens
 
     def build(self, request: ChatRequest) -> tuple[GenerationRequest, int]:
         """(prompt, max new tokens); RequestError for undecodable media or too long a request."""
+        if (request.images or request.videos) and self.missing_media_tokens:
+            raise RequestError(
+                400,
+                f"this model defines no {', '.join(self.missing_media_tokens)}, which the Long-VITA media "
+                "layout needs: it serves text-only requests",
+                "messages",
+            )
         media = (
             self.media if request.max_num_frames is None else replace(self.media, max_num_frames=request.max_num_frames)
         )
