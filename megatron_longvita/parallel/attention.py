@@ -125,7 +125,7 @@ class CachedRingAttention(RingDotProductAttention):
 
     def __init__(self, config: TransformerConfig, layer_number: int, *args, **kwargs) -> None:
         super().__init__(config, layer_number, *args, **kwargs)
-        self.layer_index = layer_number - 1  # global layer number; the engine runs without PP
+        self.layer_index = layer_number - 1  # global layer number; the engine caches only without PP
         self.cache: Optional[KVCache] = None
 
     def forward(

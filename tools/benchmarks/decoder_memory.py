@@ -33,13 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from tests.harness import run_distributed  # noqa: E402
 from tests.references import MIB, LiveTensorBytes  # noqa: E402
+from tools.benchmarks.decoder_shape import add_decoder_shape_arguments, decoder_config  # noqa: E402
 
 
 def _rank_memory(cp_size: int, args: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
     from megatron_longvita.config.parallel import ParallelConfig
-    from megatron_longvita.models.decoder import DecoderConfig, build_decoder
+    from megatron_longvita.models.decoder import build_decoder
     from megatron_longvita.models.heads import HeadConfig
     from megatron_longvita.parallel import split_batch_for_context_parallel
     from megatron_longvita.parallel.attention import packed_seq_params_for_context_parallel
@@ -48,15 +49,7 @@ def _rank_memory(cp_size: int, args: argparse.Namespace) -> dict:
     parallel = ParallelConfig(context_parallel_size=cp_size)
     platform = setup_platform()
     initialize_distributed(parallel, platform=platform)
-    config = DecoderConfig(
-        num_layers=args.layers,
-        hidden_size=args.hidden,
-        ffn_hidden_size=args.ffn,
-        num_attention_heads=args.heads,
-        num_query_groups=args.kv_heads,
-        vocab_size=args.vocab,
-        max_position_embeddings=args.seq_length,
-    )
+    config = decoder_config(args)
     torch.manual_seed(0)
     model = build_decoder(
         config,
@@ -111,12 +104,7 @@ def main() -> None:
     parser.add_argument("--seq-length", type=int, default=65536)
     parser.add_argument("--document-length", type=int, default=2048)
     parser.add_argument("--cp-sizes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--ffn", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=1024)
+    add_decoder_shape_arguments(parser, layers=2, hidden=256, ffn=768, heads=4, kv_heads=2, vocab=1024)
     parser.add_argument("--head", default="full", help="training output head: full | masked (chunked needs a size)")
     parser.add_argument("--top", type=int, default=12, help="largest buffers listed at the peak")
     args = parser.parse_args()

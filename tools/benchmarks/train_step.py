@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from tests.harness import run_distributed  # noqa: E402
 from tests.references import MIB, LiveTensorBytes  # noqa: E402
+from tools.benchmarks.decoder_shape import add_decoder_shape_arguments, decoder_config  # noqa: E402
 
 
 def model_flops(args: argparse.Namespace, vocab: int) -> float:
@@ -85,7 +86,7 @@ def _rank_benchmark(tp: int, args: argparse.Namespace) -> dict:
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_longvita.config.parallel import ParallelConfig
-    from megatron_longvita.models.decoder import DecoderConfig, build_decoder
+    from megatron_longvita.models.decoder import build_decoder
     from megatron_longvita.models.heads import HeadConfig
     from megatron_longvita.platform import initialize_distributed, setup_platform
     from megatron_longvita.training.loop import setup_training, train_step
@@ -93,15 +94,7 @@ def _rank_benchmark(tp: int, args: argparse.Namespace) -> dict:
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
     platform = setup_platform()
     initialize_distributed(parallel, platform=platform)
-    config = DecoderConfig(
-        num_layers=args.layers,
-        hidden_size=args.hidden,
-        ffn_hidden_size=args.ffn,
-        num_attention_heads=args.heads,
-        num_query_groups=args.kv_heads,
-        vocab_size=args.vocab,
-        max_position_embeddings=args.seq_length,
-    )
+    config = decoder_config(args)
     vocab = config.padded_vocab_size(tp)
     torch.manual_seed(0)
     plain_config = config.transformer_config(parallel)
@@ -174,12 +167,7 @@ def main() -> None:
     parser.add_argument("--tp-sizes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--micro-batch-size", type=int, default=1)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--ffn", type=int, default=3072)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8192)
+    add_decoder_shape_arguments(parser, layers=2, hidden=1024, ffn=3072, heads=16, kv_heads=4, vocab=8192)
     parser.add_argument("--head", default="full", help="our training output head: full | chunked | masked")
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per model, interleaved")
