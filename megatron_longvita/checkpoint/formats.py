@@ -271,18 +271,8 @@ class LongVitaFormat(CheckpointFormat):
         }
 
 
-INTERNVL_VISION_KEYS = {
-    "num_layers": "num_hidden_layers",
-    "hidden_size": "hidden_size",
-    "ffn_hidden_size": "intermediate_size",
-    "num_attention_heads": "num_attention_heads",
-    "image_size": "image_size",
-    "patch_size": "patch_size",
-    "num_channels": "num_channels",
-    "norm_epsilon": "layer_norm_eps",
-    "qkv_bias": "attention_bias",
-    "layer_scale_init": "layer_scale_init_value",
-}
+# transformers' InternVL vision config: InternViT's keys, two of them renamed.
+INTERNVL_VISION_KEYS = {**INTERNVIT_KEYS, "qkv_bias": "attention_bias", "layer_scale_init": "layer_scale_init_value"}
 INTERNVL_VISION_REQUIRED = {
     "norm_type": "layer_norm",
     "use_qk_norm": False,
